@@ -1,0 +1,1 @@
+"""Experiment scripts: one per figure; ``python -m experiments.reproduce`` runs them all."""

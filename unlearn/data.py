@@ -1,0 +1,393 @@
+"""Datasets with stable example ids, train/test splits and forget-set selection.
+
+Every loader returns NumPy arrays wrapped in a :class:`Dataset` whose ``ids`` are stable and
+unique per example (a row index, a file name or a TFDS key). A forget request names **ids**,
+never positions: :meth:`Dataset.positions` maps ids to rows and rejects unknown or duplicate
+ids with an error that lists them.
+
+Embedded sources need no download: scikit-learn's ``digits`` and ``breast_cancer``,
+``mnist1d`` (generated offline, cached outside the working directory) and seeded
+``synthetic`` Gaussian mixtures. Any TFDS name goes through ``tfds.data_source`` with
+``download=False`` by default, and an image folder ``root/<class>/<file>`` uses file names as
+ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pickle
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+EMBEDDED = ("digits", "breast_cancer", "mnist1d", "synthetic")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Examples ``x`` (n, ...), integer labels ``y`` (n,) and unique string ``ids`` (n,)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+    num_classes: int
+    name: str
+
+    def __post_init__(self):
+        validate(self)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, positions: np.ndarray) -> Dataset:
+        """The examples at ``positions`` (an index or boolean array), ids kept."""
+        positions = np.asarray(positions)
+        return dataclasses.replace(
+            self, x=self.x[positions], y=self.y[positions], ids=self.ids[positions]
+        )
+
+    def positions(self, ids: Sequence[str] | np.ndarray, *, argname: str = "forget_ids"):
+        """Row positions of ``ids``; unknown, duplicate or empty requests are errors."""
+        ids = np.asarray(ids, dtype=str).reshape(-1)
+        if ids.size == 0:
+            raise ValueError(f"{argname} is empty: name at least one example id to forget.")
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            dup = uniq[counts > 1].tolist()
+            raise ValueError(f"{argname} has duplicate ids {dup[:20]}: pass each id once.")
+        index = self._index()
+        unknown = [i for i in ids.tolist() if i not in index]
+        if unknown:
+            raise KeyError(
+                f"{argname} has {len(unknown)} id(s) not in dataset {self.name!r}: "
+                f"{unknown[:20]}; ids are strings such as {self.ids[:3].tolist()}."
+            )
+        return np.array([index[i] for i in ids.tolist()], dtype=np.int64)
+
+    def without(self, ids: Sequence[str] | np.ndarray) -> Dataset:
+        """The dataset with ``ids`` removed (order of the rest kept)."""
+        keep = np.ones(len(self), dtype=bool)
+        keep[self.positions(ids)] = False
+        if not keep.any():
+            raise ValueError(
+                "forget_ids names every training example: nothing would be left to train on; "
+                "forget a strict subset."
+            )
+        return self.subset(keep)
+
+    def _index(self) -> dict[str, int]:
+        cache = self.__dict__.get("_index_cache")
+        if cache is None:
+            cache = {k: i for i, k in enumerate(self.ids.tolist())}
+            object.__setattr__(self, "_index_cache", cache)
+        return cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A train/test pair of datasets sharing ``num_classes``."""
+
+    train: Dataset
+    test: Dataset
+
+
+def validate(ds: Dataset) -> None:
+    """Raise a clear error for NaN features, bad labels, mismatched shapes or bad ids."""
+    x, y, ids = ds.x, ds.y, ds.ids
+    if x.shape[0] != y.shape[0] or ids.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"x, y and ids must have the same length: got x {x.shape}, y {y.shape}, "
+            f"ids {ids.shape}."
+        )
+    if y.ndim != 1:
+        raise ValueError(f"y must be a 1-d array of integer labels, got shape {y.shape}.")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}.")
+    if y.size and (y.min() < 0 or y.max() >= ds.num_classes):
+        bad = np.unique(y[(y < 0) | (y >= ds.num_classes)])[:10].tolist()
+        raise ValueError(
+            f"y has labels {bad} outside [0, num_classes={ds.num_classes}); "
+            "relabel to 0..num_classes-1 or raise num_classes."
+        )
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        rows = np.unique(np.nonzero(~np.isfinite(x.reshape(len(x), -1)))[0])[:10]
+        raise ValueError(
+            f"x has NaN/inf features in rows {rows.tolist()} (ids {ids[rows].tolist()}); "
+            "impute or drop those examples first."
+        )
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("ids must be unique per example.")
+
+
+def make(x, y, *, num_classes: int | None = None, ids=None, name: str = "array") -> Dataset:
+    """Wrap arrays as a :class:`Dataset`; ``ids`` default to the row index as strings."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise ValueError("y must hold integer class labels (got non-integer floats).")
+    y = y.astype(np.int32)
+    if ids is None:
+        ids = np.arange(len(y))
+    ids = np.asarray(ids).astype(str)
+    if num_classes is None:
+        num_classes = int(y.max()) + 1 if y.size else 0
+    return Dataset(x=x, y=y, ids=ids, num_classes=int(num_classes), name=name)
+
+
+def split(ds: Dataset, *, test_fraction: float = 0.25, seed: int = 0) -> Split:
+    """Stratified, seeded train/test split (ids carried along)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(ds), dtype=bool)
+    for c in range(ds.num_classes):
+        rows = np.nonzero(ds.y == c)[0]
+        rows = rng.permutation(rows)
+        test[rows[: int(round(test_fraction * len(rows)))]] = True
+    return Split(train=ds.subset(~test), test=ds.subset(test))
+
+
+def standardize(s: Split, *, eps: float = 1e-8) -> Split:
+    """Scale features by train-set mean and standard deviation (per feature)."""
+    mu = s.train.x.mean(axis=0, keepdims=True)
+    sd = s.train.x.std(axis=0, keepdims=True)
+    sd = np.where(sd < eps, 1.0, sd)
+
+    def f(d: Dataset) -> Dataset:
+        return dataclasses.replace(d, x=((d.x - mu) / sd).astype(np.float32))
+
+    return Split(f(s.train), f(s.test))
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def load(
+    name: str,
+    *,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+    normalize: bool = True,
+    data_dir: str | None = None,
+    download: bool = False,
+    **kwargs,
+) -> Split:
+    """Load a dataset by name as a train/test :class:`Split`.
+
+    Args:
+      name: ``digits`` (pixels/16), ``breast_cancer`` (standardised), ``mnist1d``,
+        ``synthetic`` (kwargs ``n``, ``d``, ``num_classes``, ``separation``), ``folder:PATH``
+        or an image folder path, or any TFDS name (e.g. ``mnist``; optional ``tfds:`` prefix).
+      seed: seeds the split (and the generator for generated data).
+      test_fraction: fraction held out for the embedded sets that have no official split.
+      normalize: apply the dataset's standard scaling.
+      data_dir, download: TFDS options; ``download=False`` fails fast when data is absent.
+    """
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        b = load_digits()
+        x = b.data / 16.0 if normalize else b.data
+        s = split(make(x, b.target, num_classes=10, name="digits"),
+                  test_fraction=test_fraction, seed=seed)
+        return s
+    if name == "breast_cancer":
+        from sklearn.datasets import load_breast_cancer
+
+        b = load_breast_cancer()
+        s = split(make(b.data, b.target, num_classes=2, name="breast_cancer"),
+                  test_fraction=test_fraction, seed=seed)
+        return standardize(s) if normalize else s
+    if name == "mnist1d":
+        return _mnist1d(seed=seed, **kwargs)
+    if name == "synthetic":
+        ds = synthetic(seed=seed, **kwargs)
+        return split(ds, test_fraction=test_fraction, seed=seed)
+    if name.startswith("folder:") or (os.path.isdir(name) and not name.startswith("tfds:")):
+        root = name.removeprefix("folder:")
+        return split(image_folder(root, **kwargs), test_fraction=test_fraction, seed=seed)
+    return tfds_split(name.removeprefix("tfds:"), data_dir=data_dir, download=download,
+                      normalize=normalize, **kwargs)
+
+
+def synthetic(
+    *, n: int = 2000, d: int = 20, num_classes: int = 4, separation: float = 2.0, seed: int = 0
+) -> Dataset:
+    """Seeded Gaussian mixture: class means ~ N(0, separation²/d · I), unit isotropic noise."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(num_classes, d)) * separation / np.sqrt(max(d, 1))
+    y = rng.integers(0, num_classes, size=n)
+    x = means[y] + rng.normal(size=(n, d))
+    return make(x, y, num_classes=num_classes, name="synthetic")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("UNLEARN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.join(tempfile.gettempdir())), "unlearn-cache"
+    )
+    p = Path(root)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _mnist1d(*, seed: int = 0, num_samples: int = 5000, **_) -> Split:
+    """MNIST-1D (Greydanus 2020) generated offline with the package's default arguments.
+
+    The generated arrays are cached under ``$UNLEARN_CACHE`` (default: the system temp dir),
+    never in the working directory. The official 80/20 train/test split is kept; ids are
+    ``mnist1d/<row>``.
+    """
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = 42 + seed
+    path = _cache_dir() / f"mnist1d-n{num_samples}-s{args.seed}.pkl"
+    if path.exists():
+        with open(path, "rb") as f:
+            data = pickle.load(f)
+    else:
+        data = make_dataset(args)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump({k: data[k] for k in ("x", "y", "x_test", "y_test")}, f)
+        os.replace(tmp, path)
+    n_tr = len(data["y"])
+    tr = make(data["x"], data["y"], num_classes=10, name="mnist1d",
+              ids=[f"mnist1d/{i}" for i in range(n_tr)])
+    te = make(data["x_test"], data["y_test"], num_classes=10, name="mnist1d",
+              ids=[f"mnist1d/{n_tr + i}" for i in range(len(data["y_test"]))])
+    s = Split(tr, te)
+    return standardize(s)
+
+
+def image_folder(root: str, *, size: tuple[int, int] = (32, 32), grayscale: bool = False) -> Dataset:
+    """Images under ``root/<class>/<file>``; ids are file names relative to ``root``.
+
+    Classes are the sorted sub-folder names; pixels scaled to [0, 1], resized to ``size``.
+    """
+    from PIL import Image
+
+    root_p = Path(root)
+    if not root_p.is_dir():
+        raise FileNotFoundError(f"image folder root={root!r} does not exist.")
+    classes = sorted(p.name for p in root_p.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"root={root!r} has no class sub-folders (expected root/<class>/<file>).")
+    xs, ys, ids = [], [], []
+    for c, cname in enumerate(classes):
+        for f in sorted((root_p / cname).iterdir()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            with Image.open(f) as im:
+                im = im.convert("L" if grayscale else "RGB").resize(size)
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+            xs.append(arr[..., None] if grayscale else arr)
+            ys.append(c)
+            ids.append(f"{cname}/{f.name}")
+    if not xs:
+        raise ValueError(f"no images with suffix {IMAGE_SUFFIXES} under root={root!r}.")
+    ds = make(np.stack(xs), np.array(ys), num_classes=len(classes),
+              ids=ids, name=f"folder:{root_p.name}")
+    object.__setattr__(ds, "classes", classes)
+    return ds
+
+
+def tfds_split(
+    name: str, *, data_dir: str | None = None, download: bool = False, normalize: bool = True,
+    max_examples: int | None = None, **_,
+) -> Split:
+    """Any TFDS dataset through ``tfds.data_source`` (no TensorFlow needed).
+
+    ids are ``<split>/<record index>``. With ``download=False`` (the default) a dataset that is
+    not prepared fails at once with the command that prepares it.
+    """
+    import tensorflow_datasets as tfds
+
+    out, info = {}, None
+    for sp in ("train", "test"):
+        try:
+            ds = tfds.data_source(name, split=sp, data_dir=data_dir, download=download)
+        except Exception as e:  # tfds raises several types when a set is absent
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} (split {sp!r}) is not prepared in data_dir={data_dir!r} "
+                f"({e.__class__.__name__}: {str(e)[:200]}). Prepare it once with network "
+                f"access: `tfds build {name}` or `python -c \"import tensorflow_datasets as "
+                f"tfds; tfds.data_source('{name}', download=True)\"`, or pass download=True."
+            ) from e
+        info = getattr(ds, "dataset_info", info)
+        n = len(ds) if max_examples is None else min(len(ds), max_examples)
+        recs = [ds[i] for i in range(n)]
+        xkey = "image" if "image" in recs[0] else next(k for k in recs[0] if k != "label")
+        x = np.stack([np.asarray(r[xkey]) for r in recs]).astype(np.float32)
+        if normalize and xkey == "image":
+            x = x / 255.0
+        y = np.array([int(r["label"]) for r in recs])
+        out[sp] = (x, y, [f"{sp}/{i}" for i in range(n)])
+    num_classes = None
+    if info is not None and "label" in info.features:
+        num_classes = info.features["label"].num_classes
+    if num_classes is None:
+        num_classes = int(max(out["train"][1].max(), out["test"][1].max())) + 1
+    tr, te = (make(*out[s][:2], ids=out[s][2], num_classes=num_classes, name=name)
+              for s in ("train", "test"))
+    return Split(tr, te)
+
+
+# ----------------------------------------------------------------------------- forget sets
+
+
+def select_forget(
+    ds: Dataset,
+    *,
+    kind: str = "random",
+    fraction: float = 0.01,
+    count: int | None = None,
+    cls: int | None = None,
+    ids: Sequence[str] | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Choose the ids of a forget set.
+
+    kind: ``random`` (a seeded ``fraction`` or ``count`` of the data), ``class`` (every example
+    of class ``cls``) or ``ids`` (the given ids, validated).
+    """
+    if kind == "random":
+        k = count if count is not None else int(round(fraction * len(ds)))
+        if k < 1:
+            raise ValueError(
+                f"fraction={fraction} of {len(ds)} examples selects nothing; raise fraction "
+                "or pass count."
+            )
+        if k >= len(ds):
+            raise ValueError(f"count={k} would forget every example ({len(ds)}).")
+        rng = np.random.default_rng(seed)
+        return ds.ids[np.sort(rng.choice(len(ds), size=k, replace=False))]
+    if kind == "class":
+        if cls is None or not 0 <= cls < ds.num_classes:
+            raise ValueError(f"cls must be a class in [0, {ds.num_classes}), got {cls}.")
+        out = ds.ids[ds.y == cls]
+        if out.size == 0:
+            raise ValueError(f"class cls={cls} has no examples in {ds.name!r}.")
+        return out
+    if kind == "ids":
+        ds.positions(ids if ids is not None else [])
+        return np.asarray(ids, dtype=str)
+    raise ValueError(f"kind must be 'random', 'class' or 'ids', got {kind!r}.")
+
+
+def stable_hash(ids: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each id string, independent of Python's hash seed."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little")
+         for s in np.asarray(ids, dtype=str).tolist()],
+        dtype=np.uint64,
+    )

@@ -1,0 +1,46 @@
+"""Unlearning methods and their registry.
+
+Adding a method is one file in this package plus one line in ``REGISTRY``: a constructor that
+takes the method's hyperparameters as keyword arguments and returns an :class:`Unlearner`.
+``convex_only`` marks methods whose maths needs a strictly convex objective (e.g. Newton
+removal); the shared tests run those on softmax regression.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from unlearn.methods.base import ParamState, Result, Unlearner
+from unlearn.methods.finetune import finetune
+from unlearn.methods.retrain import retrain
+
+
+class Entry(NamedTuple):
+    """A registered method: its constructor and what it needs of the model."""
+
+    make: Callable[..., Unlearner]
+    convex_only: bool = False
+    description: str = ""
+
+
+REGISTRY: dict[str, Entry] = {
+    "retrain": Entry(retrain, description="retrain from scratch on D∖U (exact oracle)"),
+    "finetune": Entry(finetune, description="fine-tune on D∖U (Jia et al. 2023 FT)"),
+}
+
+
+def register(name: str, make: Callable[..., Unlearner], *, convex_only: bool = False,
+             description: str = "") -> None:
+    """Add a method to the registry (for methods defined outside this package)."""
+    REGISTRY[name] = Entry(make, convex_only, description)
+
+
+def get(name: str, **hparams) -> Unlearner:
+    """Construct the registered method ``name`` with keyword hyperparameters."""
+    if name not in REGISTRY:
+        raise ValueError(f"method={name!r} is not registered; choose one of {sorted(REGISTRY)}.")
+    return REGISTRY[name].make(**hparams)
+
+
+__all__ = ["REGISTRY", "Entry", "ParamState", "Result", "Unlearner", "get", "register"]

@@ -1,0 +1,84 @@
+"""The ``Unlearner`` interface (modelled on ``optax.GradientTransformation``).
+
+An unlearning method is a NamedTuple of two pure functions whose hyperparameters are captured by
+its constructor::
+
+    state = unlearner.prepare(problem, trained)            # precompute (factor, checkpoints, ...)
+    result, state = unlearner.forget(state, forget_ids, key)
+
+``result`` predicts through ``result.logits(x)``, carries ``params`` where a single parameter
+vector exists (``None`` for ensembles) and ``stats`` (iterations, residuals, points retrained).
+The returned state has the ids removed, so requests can be chained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from unlearn.train import Fit, Problem, retain_mask
+
+Params = Any
+
+
+class Result(NamedTuple):
+    """What a forget request returns: predictions, params (if any) and stats."""
+
+    logits: Callable[[jax.Array], jax.Array]
+    params: Params | None
+    stats: dict
+
+
+class Unlearner(NamedTuple):
+    """``prepare(problem, trained) -> state``; ``forget(state, ids, key) -> (Result, state)``."""
+
+    name: str
+    prepare: Callable[[Problem, Fit], Any]
+    forget: Callable[[Any, Any, jax.Array], tuple[Result, Any]]
+
+
+class ParamState(NamedTuple):
+    """The common state of single-model methods: problem, current params, retained weights."""
+
+    problem: Problem
+    params: Params
+    weights: np.ndarray
+
+
+def prepare_params(problem: Problem, trained: Fit) -> ParamState:
+    """State for methods that start from the trained params and need nothing precomputed."""
+    return ParamState(problem, trained.params, np.ones(len(problem.train), np.float32))
+
+
+def next_weights(state: ParamState, forget_ids) -> tuple[np.ndarray, np.ndarray]:
+    """Validated forget positions and the retained weights after removing them.
+
+    Raises for unknown, duplicate or empty ids, for ids forgotten by an earlier request, and
+    for a request that would leave no training data.
+    """
+    pos = state.problem.train.positions(forget_ids)
+    gone = state.weights[pos] == 0
+    if gone.any():
+        ids = state.problem.train.ids[pos[gone]].tolist()
+        raise ValueError(f"forget_ids {ids[:20]} were already forgotten by an earlier request.")
+    w = state.weights.copy()
+    w[pos] = 0.0
+    if not (w > 0).any():
+        raise ValueError(
+            "forget_ids names every remaining training example: nothing would be left; "
+            "forget a strict subset."
+        )
+    return pos, w
+
+
+def params_result(problem: Problem, params: Params, stats: dict) -> Result:
+    """A :class:`Result` that predicts with ``problem.model.apply(params, x)``."""
+    apply = problem.model.apply
+    return Result(logits=lambda x: apply(params, x), params=params, stats=stats)
+
+
+__all__ = ["ParamState", "Result", "Unlearner", "next_weights", "params_result",
+           "prepare_params", "retain_mask"]

@@ -1,0 +1,655 @@
+r"""Inverse-Hessian-vector products: dense Cholesky, conjugate gradients and LiSSA.
+
+All three solve :math:`(A + \lambda_d I)\,x = b` for a symmetric positive-definite curvature
+:math:`A` (the Hessian or Gauss–Newton matrix of ``unlearn.curvature``) and damping
+:math:`\lambda_d \ge 0`, and report what happened in a :class:`SolveResult`: iterations and the
+*true* relative residual :math:`\lVert b - (A + \lambda_d I)x\rVert / \lVert b\rVert`,
+recomputed from the returned ``x`` (never the recursion's running estimate).
+
+* :func:`cholesky_factor` / :func:`cholesky_solve` — dense :math:`LL^\top`; factor once, then
+  every request is two triangular solves. Fails loudly (``ValueError``) if the matrix is not
+  positive definite.
+* :func:`cg` — a preconditioned conjugate-gradient ``lax.while_loop`` (Hestenes & Stiefel 1952)
+  on a matrix-free operator, e.g. the HVP of Koh & Liang (2017). It never applies the operator
+  to a compile-time zero vector: with JAX 0.10.2 on CPU an HVP whose tangent is a constant
+  zero inside ``jit`` returns NaN for softmax regression at n >= 6000, which makes
+  ``jax.scipy.sparse.linalg.cg`` and lineax's CG stop silently after 0 steps. Starting from
+  ``x0 = 0`` we take ``r0 = b`` directly and the iterate is ``0 * b`` (a runtime value).
+* :func:`lissa` — the stochastic Neumann-series estimator of Agarwal, Bullins & Hazan (2017)
+  in the form used by Koh & Liang (2017).
+* :func:`solve` — one entry point that picks the method by name, handles damping, warns on
+  non-convergence and raises on non-PSD curvature with advice.
+
+References: Hestenes & Stiefel, "Methods of conjugate gradients for solving linear systems",
+1952. Agarwal, Bullins & Hazan, "Second-order stochastic optimization for machine learning in
+linear time", JMLR 2017. Koh & Liang, "Understanding black-box predictions via influence
+functions", ICML 2017. Lanczos, "An iteration method for the solution of the eigenvalue
+problem of linear differential and integral operators", 1950.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import Partial
+
+from unlearn.curvature import dense_matvec
+
+Array = jax.Array
+MatVec = Callable[[Array], Array]
+
+__all__ = [
+    "SolveResult",
+    "CholeskyFactor",
+    "cholesky_factor",
+    "cholesky_solve",
+    "cg",
+    "lissa",
+    "lanczos_extremes",
+    "jacobi_preconditioner",
+    "solve",
+]
+
+
+class SolveResult(NamedTuple):
+    """Outcome of a linear solve.
+
+    Attributes:
+      x: the solution estimate.
+      iterations: CG iterations, LiSSA recursion steps (depth) or 0 for Cholesky.
+      residual: true relative residual ``||b - A x|| / ||b||`` recomputed from ``x`` (with ``A``
+        the damped operator actually solved).
+      converged: ``residual <= tol`` and no breakdown/divergence.
+      method: ``'cholesky'``, ``'cg'`` or ``'lissa'``.
+      message: empty, or why it did not converge (negative curvature, divergence, ...).
+    """
+
+    x: Array
+    iterations: Array
+    residual: Array
+    converged: Array
+    method: str = ""
+    message: str = ""
+
+
+# Register so that ``method``/``message`` are static metadata: a SolveResult can be returned
+# from a jitted function.
+jax.tree_util.register_pytree_node(
+    SolveResult,
+    lambda r: ((r.x, r.iterations, r.residual, r.converged), (r.method, r.message)),
+    lambda aux, ch: SolveResult(*ch, *aux),
+)
+
+
+def _is_concrete(*xs: Any) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(xs))
+
+
+def _as_operator(a: Any, damping: float = 0.0) -> Partial:
+    """A dense matrix, a ``Partial`` or any callable as a jit-friendly ``Partial`` operator."""
+    if isinstance(a, CholeskyFactor):
+        return Partial(_factor_matvec, a.factor)
+    if callable(a):
+        op = a if isinstance(a, Partial) else Partial(a)
+        if damping:
+            return Partial(_damped, op, jnp.asarray(damping))
+        return op
+    return dense_matvec(jnp.asarray(a), damping)
+
+
+def _damped(op: Partial, damping: Array, v: Array) -> Array:
+    return op(v) + damping * v
+
+
+def _default_tol(dtype: Any, method: str) -> float:
+    f64 = jnp.dtype(dtype) == jnp.float64
+    return {
+        "cg": 1e-8 if f64 else 1e-5,
+        "cholesky": 1e-8 if f64 else 1e-4,
+        "lissa": 1e-3,
+    }[method]
+
+
+def _rel_residual(op: Partial, x: Array, b: Array) -> Array:
+    bnorm = jnp.linalg.norm(b)
+    res = jnp.linalg.norm(b - op(x))
+    return jnp.where(bnorm > 0, res / jnp.where(bnorm > 0, bnorm, 1.0), res)
+
+
+def _warn_if_not_converged(result: SolveResult, stacklevel: int = 3) -> None:
+    if _is_concrete(result.converged) and not bool(result.converged):
+        extra = f" ({result.message})" if result.message else ""
+        warnings.warn(
+            f"{result.method} did not converge{extra}: relative residual "
+            f"{float(result.residual):.3e} after {int(result.iterations)} iterations",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Lanczos: extreme eigenvalue estimates for matrix-free operators
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("steps",))
+def _lanczos(op: Partial, v0: Array, steps: int) -> tuple[Array, Array]:
+    dim = v0.shape[0]
+    m = int(min(steps, dim))
+    dtype = v0.dtype
+    q0 = v0 / jnp.linalg.norm(v0)
+    basis = jnp.zeros((m + 1, dim), dtype).at[0].set(q0)
+    alphas = jnp.zeros((m,), dtype)
+    betas = jnp.zeros((m,), dtype)
+
+    def body(j: Array, carry: tuple[Array, Array, Array, Array]) -> tuple[Array, ...]:
+        basis, alphas, betas, alive = carry
+        q = basis[j]
+        z = op(q)
+        a = jnp.vdot(q, z)
+        znorm = jnp.linalg.norm(z)
+        # Full re-orthogonalisation (twice is enough): the rows not yet filled are zero.
+        z = z - basis.T @ (basis @ z)
+        z = z - basis.T @ (basis @ z)
+        beta = jnp.linalg.norm(z)
+        ok = alive & (beta > 100 * jnp.finfo(dtype).eps * znorm) & (beta > 0)
+        basis = basis.at[j + 1].set(jnp.where(ok, z / jnp.where(ok, beta, 1.0), 0.0))
+        alphas = alphas.at[j].set(jnp.where(alive, a, jnp.nan))
+        betas = betas.at[j].set(jnp.where(ok, beta, 0.0))
+        return basis, alphas, betas, ok
+
+    _, alphas, betas, _ = jax.lax.fori_loop(
+        0, m, body, (basis, alphas, betas, jnp.asarray(True))
+    )
+    # Steps after an invariant subspace was found are padded with a Ritz value already inside
+    # the spectrum (alpha_0), so they cannot move the extreme estimates.
+    alphas = jnp.where(jnp.isnan(alphas), alphas[0], alphas)
+    t = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+    ev = jnp.linalg.eigvalsh(t)
+    return ev[0], ev[-1]
+
+
+def lanczos_extremes(
+    matvec: MatVec | Array,
+    dim_or_like: int | Array,
+    steps: int = 30,
+    key: Array | None = None,
+) -> tuple[float, float]:
+    r"""Estimates of the smallest and largest eigenvalues of a symmetric operator.
+
+    ``steps`` Lanczos iterations (Lanczos 1950) with full re-orthogonalisation from a random
+    start; the extreme Ritz values of the tridiagonal matrix :math:`T` satisfy
+    :math:`\lambda_{\min} \le \theta_{\min} \le \theta_{\max} \le \lambda_{\max}` and converge
+    quickly for the extremes. Used to detect indefinite curvature (a negative
+    :math:`\theta_{\min}` proves a negative eigenvalue) and to check the LiSSA scale.
+
+    Args:
+      matvec: the operator (callable/``Partial``) or a dense symmetric matrix.
+      dim_or_like: the vector length, or an array whose shape/dtype to use.
+      steps: Krylov dimension (cost: ``steps`` operator applications).
+      key: PRNG key for the start vector (default ``PRNGKey(0)``).
+    """
+    op = _as_operator(matvec)
+    if isinstance(dim_or_like, int):
+        dim, dtype = dim_or_like, jnp.result_type(float)
+    else:
+        dim, dtype = dim_or_like.shape[0], dim_or_like.dtype
+    key = jax.random.PRNGKey(0) if key is None else key
+    v0 = jax.random.normal(key, (dim,), dtype)
+    lo, hi = _lanczos(op, v0, steps)
+    return float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------------------------
+# Cholesky
+# --------------------------------------------------------------------------------------------
+
+
+class CholeskyFactor(NamedTuple):
+    """Lower Cholesky factor ``L`` of ``A + damping I`` (``A + damping I = L L^T``)."""
+
+    factor: Array
+
+
+def _factor_matvec(factor: Array, v: Array) -> Array:
+    return factor @ (factor.T @ v)
+
+
+@jax.jit
+def _cho_factor(a: Array, damping: Array) -> Array:
+    a = 0.5 * (a + a.T) + damping * jnp.eye(a.shape[0], dtype=a.dtype)
+    c, _ = jax.scipy.linalg.cho_factor(a, lower=True)
+    return jnp.tril(c)
+
+
+def cholesky_factor(h: Array, damping: float = 0.0) -> CholeskyFactor:
+    r"""Cholesky factor of :math:`H + \lambda_d I` (symmetrised first).
+
+    Raises:
+      ValueError: if the matrix is not positive definite (the factor contains NaN). The
+        message reports the most negative eigenvalue of :math:`H + \lambda_d I` (``eigvalsh``,
+        computed only on this error path) and suggests a ``damping=`` that makes it PD.
+    """
+    h = jnp.asarray(h)
+    factor = _cho_factor(h, jnp.asarray(damping, h.dtype))
+    if _is_concrete(factor) and not bool(jnp.all(jnp.isfinite(factor))):
+        hs = 0.5 * (h + h.T)
+        lam = float(jnp.linalg.eigvalsh(hs)[0])
+        need = max(-lam, 0.0)
+        raise ValueError(
+            "Cholesky failed: the curvature matrix plus damping="
+            f"{damping:g} is not positive definite (most negative eigenvalue of H is "
+            f"{lam:.4e}). Pass damping= larger than {need:.3e} (e.g. damping={1.1 * need + 1e-8:.3e})"
+            ", use the Gauss-Newton matrix (unlearn.curvature.ggn_vp), or increase the L2 "
+            "coefficient."
+        )
+    return CholeskyFactor(factor)
+
+
+@jax.jit
+def cholesky_solve(factor: CholeskyFactor, b: Array) -> Array:
+    """Solve ``(L L^T) x = b`` with two triangular solves; ``b`` may be ``(p,)`` or ``(p, m)``."""
+    return jax.scipy.linalg.cho_solve((factor.factor, True), b)
+
+
+# --------------------------------------------------------------------------------------------
+# Conjugate gradients
+# --------------------------------------------------------------------------------------------
+
+
+def _apply_precond(precond: Partial | None, r: Array) -> Array:
+    return r if precond is None else precond(r)
+
+
+@jax.jit
+def _cg_core(
+    op: Partial,
+    b: Array,
+    x0: Array | None,
+    tol: Array,
+    maxiter: Array,
+    precond: Partial | None,
+) -> tuple[Array, Array, Array, Array, Array]:
+    bnorm = jnp.linalg.norm(b)
+    if x0 is None:
+        # x0 = 0 without ever applying the operator to a compile-time zero (JAX 0.10.2 bug).
+        x = 0 * b
+        r = b
+    else:
+        x = jnp.asarray(x0, b.dtype)
+        r = b - op(x)
+    z = _apply_precond(precond, r)
+    p = z
+    rz = jnp.vdot(r, z)
+    threshold = tol * bnorm
+
+    def cond(state: tuple[Array, ...]) -> Array:
+        _, r, _, _, k, neg = state
+        return (k < maxiter) & (jnp.linalg.norm(r) > threshold) & ~neg
+
+    def body(state: tuple[Array, ...]) -> tuple[Array, ...]:
+        x, r, p, rz, k, _ = state
+        ap = op(p)
+        pap = jnp.vdot(p, ap)
+        neg = ~(pap > 0)  # also catches NaN
+        alpha = jnp.where(neg, 0.0, rz / jnp.where(neg, 1.0, pap))
+        x = x + alpha * p
+        r = r - alpha * ap
+        z = _apply_precond(precond, r)
+        rz_new = jnp.vdot(r, z)
+        beta = rz_new / jnp.where(rz == 0, 1.0, rz)
+        p = z + beta * p
+        return x, r, p, rz_new, k + 1, neg
+
+    init = (x, r, p, rz, jnp.asarray(0, jnp.int32), jnp.asarray(False))
+    x, r, _, _, k, neg = jax.lax.while_loop(cond, body, init)
+    res = _rel_residual(op, x, b)
+    converged = (res <= tol) & ~neg & jnp.all(jnp.isfinite(x))
+    return x, k, res, converged, neg
+
+
+def jacobi_preconditioner(diag: Array, damping: float = 0.0) -> Partial:
+    """Jacobi preconditioner ``r -> r / (diag(A) + damping)`` (entries floored at tiny > 0)."""
+    d = jnp.asarray(diag) + damping
+    d = jnp.where(d > 0, d, jnp.finfo(d.dtype).tiny)
+    return Partial(_jacobi_apply, 1.0 / d)
+
+
+def _jacobi_apply(inv_diag: Array, r: Array) -> Array:
+    return inv_diag * r
+
+
+def cg(
+    matvec: MatVec | Array,
+    b: Array,
+    x0: Array | None = None,
+    tol: float | None = None,
+    maxiter: int | None = None,
+    precond: MatVec | Array | None = None,
+    warn: bool = True,
+) -> SolveResult:
+    r"""Preconditioned conjugate gradients for :math:`A x = b`, :math:`A` symmetric PD.
+
+    A ``lax.while_loop`` over the Hestenes–Stiefel recursion: stop when the recursive residual
+    :math:`\lVert r_k\rVert \le \mathrm{tol}\,\lVert b\rVert`, after ``maxiter`` steps, or when
+    a direction of non-positive curvature :math:`p^\top A p \le 0` proves :math:`A` is not PD.
+    The reported residual is recomputed as :math:`\lVert b - A x_k\rVert/\lVert b\rVert`.
+
+    The default start ``x0 = 0`` is realised as ``r0 = b`` and ``x = 0 * b`` (runtime values),
+    so the operator is never applied to a compile-time zero — see the module docstring.
+
+    Args:
+      matvec: ``v -> A v`` (a ``jax.tree_util.Partial`` from ``unlearn.curvature`` is traced
+        as data; other callables are treated as static) or a dense matrix.
+      b: right-hand side ``(p,)``.
+      x0: optional warm start.
+      tol: relative tolerance; default ``1e-8`` in float64, ``1e-5`` in float32.
+      maxiter: default ``10 * p``.
+      precond: ``r -> M r`` with :math:`M \approx A^{-1}`, or an array read as the diagonal of
+        :math:`A` (Jacobi).
+      warn: warn (outside ``jit``) when not converged.
+
+    Returns:
+      :class:`SolveResult` with ``method='cg'``.
+    """
+    b = jnp.asarray(b)
+    op = _as_operator(matvec)
+    tol = _default_tol(b.dtype, "cg") if tol is None else tol
+    maxiter = 10 * b.shape[0] if maxiter is None else maxiter
+    if precond is not None and not callable(precond):
+        precond = jacobi_preconditioner(precond)
+    elif precond is not None and not isinstance(precond, Partial):
+        precond = Partial(precond)
+    x, k, res, conv, neg = _cg_core(
+        op, b, x0, jnp.asarray(tol, b.dtype), jnp.asarray(maxiter, jnp.int32), precond
+    )
+    message = ""
+    if _is_concrete(neg) and bool(neg):
+        message = "non-positive curvature p^T A p <= 0 met: the operator is not positive definite"
+    result = SolveResult(x, k, res, conv, "cg", message)
+    if warn:
+        _warn_if_not_converged(result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# LiSSA
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("depth", "repeats", "stochastic"))
+def _lissa_core(
+    op: Partial,
+    stoch: Partial | None,
+    b: Array,
+    scale: Array,
+    damping: Array,
+    key: Array,
+    depth: int,
+    repeats: int,
+    stochastic: bool,
+) -> tuple[Array, Array, Array]:
+    def one_repeat(rkey: Array) -> tuple[Array, Array, Array]:
+        def step(x: Array, j: Array) -> tuple[Array, Array]:
+            hx = stoch(x, jax.random.fold_in(rkey, j)) if stochastic else op(x)
+            x_new = b + (1 - damping) * x - hx / scale
+            return x_new, jnp.linalg.norm(x_new - x)
+
+        x, steps = jax.lax.scan(step, b, jnp.arange(depth))
+        return x / scale, steps[0], steps[-1]
+
+    keys = jax.random.split(key, repeats)
+    xs, first, last = jax.lax.map(one_repeat, keys)
+    return jnp.mean(xs, axis=0), first, last
+
+
+def lissa(
+    matvec: MatVec | Array,
+    b: Array,
+    scale: float,
+    damping: float = 0.0,
+    depth: int = 1000,
+    repeats: int = 1,
+    key: Array | None = None,
+    stochastic_matvec: Callable[[Array, Array], Array] | None = None,
+    tol: float | None = None,
+    check_scale: bool = True,
+    warn: bool = True,
+) -> SolveResult:
+    r"""LiSSA estimate of :math:`(H + \text{damping}\cdot\text{scale}\cdot I)^{-1} b`.
+
+    The recursion of Agarwal et al. (2017) as implemented by Koh & Liang (2017):
+
+    .. math::
+
+        x_0 = b, \qquad x_j = b + (1 - d)\,x_{j-1} - \frac{H x_{j-1}}{s}, \qquad
+        \hat x = x_{\text{depth}} / s,
+
+    a truncated Neumann series for :math:`(H/s + dI)^{-1}`; its fixed point gives
+    :math:`\hat x = (H + d s I)^{-1} b`. The error contracts by
+    :math:`\rho = \max_\lambda |1 - d - \lambda/s|` per step, so it converges iff
+    :math:`0 < d + \lambda/s < 2` for every eigenvalue :math:`\lambda` of :math:`H`: the scale
+    must exceed the largest eigenvalue (practically :math:`s > \lambda_{\max}`) and :math:`H`
+    must be PSD (or :math:`d` large enough). The estimate is averaged over ``repeats``
+    recursions; with ``stochastic_matvec(v, key)`` (e.g. an HVP on a sampled minibatch) each
+    step uses a fresh key, otherwise every repeat is the same deterministic recursion.
+
+    Divergence checks: before running, ``scale`` is compared with a Lanczos estimate of
+    :math:`\lambda_{\max}` (``check_scale``) and a ``ValueError`` suggests a larger scale;
+    after running, a non-finite result or a last step longer than the first
+    (:math:`\lVert x_D - x_{D-1}\rVert > \lVert x_1 - x_0\rVert`, which for a deterministic
+    symmetric recursion proves :math:`\rho > 1`) marks the result ``converged=False``.
+
+    Args:
+      matvec: deterministic ``v -> H v`` (also used for the final residual) or a dense matrix.
+      b: right-hand side.
+      scale: :math:`s`, larger than the largest eigenvalue of :math:`H`.
+      damping: :math:`d` in the recursion (adds :math:`d s` to the diagonal of the system).
+      depth: recursion steps.
+      repeats: independent recursions averaged.
+      key: PRNG key for ``stochastic_matvec`` (default ``PRNGKey(0)``).
+      stochastic_matvec: optional ``(v, key) -> H_batch v``.
+      tol: residual tolerance for ``converged`` (default ``1e-3``; LiSSA is approximate).
+      check_scale: run the Lanczos scale check (30 products) first.
+      warn: warn (outside ``jit``) when not converged.
+    """
+    b = jnp.asarray(b)
+    op = _as_operator(matvec)
+    tol = _default_tol(b.dtype, "lissa") if tol is None else tol
+    if check_scale and _is_concrete(b, scale):
+        _, lam_max = lanczos_extremes(op, b, steps=min(30, b.shape[0]))
+        if scale <= lam_max:
+            raise ValueError(
+                f"LiSSA would diverge: scale={scale:g} is not larger than the largest "
+                f"eigenvalue of the curvature (Lanczos estimate {lam_max:.4e}); the recursion "
+                f"contracts only if scale > lambda_max. Use a larger scale, e.g. "
+                f"scale={1.5 * lam_max:.3e}."
+            )
+    stochastic = stochastic_matvec is not None
+    stoch = None
+    if stochastic:
+        stoch = (
+            stochastic_matvec
+            if isinstance(stochastic_matvec, Partial)
+            else Partial(stochastic_matvec)
+        )
+    key = jax.random.PRNGKey(0) if key is None else key
+    dtype = b.dtype
+    x, first, last = _lissa_core(
+        op,
+        stoch,
+        b,
+        jnp.asarray(scale, dtype),
+        jnp.asarray(damping, dtype),
+        key,
+        depth=int(depth),
+        repeats=int(repeats),
+        stochastic=stochastic,
+    )
+    system = Partial(_damped, op, jnp.asarray(damping * scale, dtype))
+    res = _rel_residual(system, x, b)
+    growth = 100.0 if stochastic else 1.0
+    diverged = ~jnp.all(jnp.isfinite(x)) | jnp.any(last > growth * first)
+    converged = (res <= tol) & ~diverged
+    message = ""
+    if _is_concrete(diverged) and bool(diverged):
+        message = (
+            "LiSSA diverged (the recursion's steps grew or became non-finite): increase "
+            f"scale (now {scale:g}) above the largest eigenvalue of the curvature, or add "
+            "damping if the curvature is not positive semi-definite"
+        )
+    result = SolveResult(x, jnp.asarray(depth), res, converged, "lissa", message)
+    if warn:
+        _warn_if_not_converged(result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Single entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _check_damping(op: Partial, b: Array, damping: float) -> None:
+    """With damping > 0, warn if the undamped curvature has a negative eigenvalue."""
+    lo, hi = lanczos_extremes(op, b, steps=min(20, b.shape[0]))
+    eps = float(jnp.finfo(b.dtype).eps)
+    if lo < -np.sqrt(eps) * max(abs(hi), 1e-30):
+        status = (
+            "the damped matrix is still indefinite"
+            if damping <= -lo
+            else "the damped system is positive definite"
+        )
+        warnings.warn(
+            f"the curvature is not PSD: most negative eigenvalue estimate {lo:.4e} (Lanczos); "
+            f"damping={damping:g} added, {status}. The solution is that of the damped system.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _not_pd_error(op: Partial, b: Array, damping: float, method: str) -> ValueError:
+    lo, _ = lanczos_extremes(op, b, steps=min(40, b.shape[0]))
+    need = max(-lo, 0.0)
+    return ValueError(
+        f"{method}: the curvature plus damping={damping:g} is not positive definite (most "
+        f"negative eigenvalue estimate {lo:.4e}, Lanczos). Pass damping= larger than "
+        f"{need:.3e} (e.g. damping={1.1 * need + 1e-8:.3e}) or use the Gauss-Newton product "
+        "(unlearn.curvature.ggn_vp), which is always PSD."
+    )
+
+
+def solve(
+    a: Array | MatVec | CholeskyFactor,
+    b: Array,
+    method: str = "cholesky",
+    *,
+    damping: float = 0.0,
+    tol: float | None = None,
+    check_curvature: bool = True,
+    x0: Array | None = None,
+    maxiter: int | None = None,
+    precond: MatVec | Array | str | None = None,
+    scale: float | None = None,
+    lissa_depth: int = 1000,
+    repeats: int = 1,
+    key: Array | None = None,
+    stochastic_matvec: Callable[[Array, Array], Array] | None = None,
+) -> SolveResult:
+    r"""Solve :math:`(A + \lambda_d I)\,x = b` with the method chosen by name.
+
+    Args:
+      a: a dense symmetric matrix, a ``v -> A v`` operator (e.g. ``curvature.hvp(...)``) or a
+        :class:`CholeskyFactor` (already damped; ``damping`` must then be 0).
+      b: right-hand side (``(p,)``; Cholesky also takes ``(p, m)``).
+      method: ``'cholesky'`` (dense ``a`` or factor), ``'cg'`` or ``'lissa'``.
+      damping: :math:`\lambda_d \ge 0` added to the diagonal. When positive and
+        ``check_curvature``, a Lanczos estimate of the most negative eigenvalue of the
+        undamped :math:`A` is taken and a warning reports it if :math:`A` is indefinite.
+      tol: tolerance for ``converged`` (defaults per method and dtype).
+      check_curvature: run the PSD / LiSSA-scale checks.
+      x0, maxiter, precond: CG options; ``precond='jacobi'`` uses ``diag(A)`` of a dense ``a``.
+      scale, lissa_depth, repeats, key, stochastic_matvec: LiSSA options. ``scale=None`` picks
+        1.5 times a Lanczos estimate of :math:`\lambda_{\max}(A + \lambda_d I)`. The LiSSA
+        recursion's own damping is set to :math:`\lambda_d / s` so that all three methods solve
+        the same system.
+
+    Returns:
+      :class:`SolveResult`; a warning is issued if it did not converge.
+
+    Raises:
+      ValueError: if the (damped) curvature is not positive definite — Cholesky breakdown or a
+        CG direction with :math:`p^\top A p \le 0` — with the most negative eigenvalue and a
+        suggested ``damping=``; if LiSSA diverges (suggests a larger ``scale``); unknown
+        method.
+    """
+    b = jnp.asarray(b)
+    method = method.lower()
+    if method not in ("cholesky", "cg", "lissa"):
+        raise ValueError(f"unknown method {method!r}; choose 'cholesky', 'cg' or 'lissa'")
+    if isinstance(a, CholeskyFactor) and damping:
+        raise ValueError("a CholeskyFactor is already damped; pass damping=0 with a factor")
+    dense = not callable(a) and not isinstance(a, CholeskyFactor)
+    undamped = _as_operator(a)
+    if damping and check_curvature:
+        _check_damping(undamped, b.reshape(b.shape[0], -1)[:, 0], damping)
+    op = _as_operator(a, damping) if not dense else dense_matvec(jnp.asarray(a), damping)
+
+    if method == "cholesky":
+        if isinstance(a, CholeskyFactor):
+            factor = a
+        elif dense:
+            factor = cholesky_factor(jnp.asarray(a), damping)
+        else:
+            raise ValueError(
+                "method='cholesky' needs a dense matrix or a CholeskyFactor; use method='cg' "
+                "for a matrix-free operator (or curvature.hessian to build the matrix)"
+            )
+        x = cholesky_solve(factor, b)
+        fop = Partial(_factor_matvec, factor.factor)
+        bb = b.reshape(b.shape[0], -1)
+        xx = x.reshape(x.shape[0], -1)
+        res = jnp.max(jax.vmap(_rel_residual, (None, 1, 1))(fop, xx, bb))
+        tol = _default_tol(b.dtype, "cholesky") if tol is None else tol
+        conv = (res <= tol) & jnp.all(jnp.isfinite(x))
+        result = SolveResult(x, jnp.asarray(0), res, conv, "cholesky")
+        _warn_if_not_converged(result)
+        return result
+
+    if method == "cg":
+        if isinstance(precond, str):
+            if precond != "jacobi" or not dense:
+                raise ValueError("precond='jacobi' needs a dense matrix; pass the diagonal")
+            precond = jacobi_preconditioner(jnp.diag(jnp.asarray(a)), damping)
+        result = cg(op, b, x0=x0, tol=tol, maxiter=maxiter, precond=precond, warn=False)
+        if result.message and check_curvature:
+            raise _not_pd_error(undamped, b, damping, "cg") from None
+        _warn_if_not_converged(result)
+        return result
+
+    # LiSSA
+    if scale is None:
+        _, lam_max = lanczos_extremes(op, b, steps=min(30, b.shape[0]))
+        scale = 1.5 * lam_max
+    result = lissa(
+        undamped,
+        b,
+        scale=scale,
+        damping=damping / scale,
+        depth=lissa_depth,
+        repeats=repeats,
+        key=key,
+        stochastic_matvec=stochastic_matvec,
+        tol=tol,
+        check_scale=check_curvature,
+        warn=False,
+    )
+    if result.message:
+        raise ValueError(result.message)
+    _warn_if_not_converged(result)
+    return result
