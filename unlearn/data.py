@@ -269,7 +269,9 @@ def _mnist1d(*, seed: int = 0, num_samples: int = 5000, **_) -> Split:
     return standardize(s)
 
 
-def image_folder(root: str, *, size: tuple[int, int] = (32, 32), grayscale: bool = False) -> Dataset:
+def image_folder(
+    root: str, *, size: tuple[int, int] = (32, 32), grayscale: bool = False
+) -> Dataset:
     """Images under ``root/<class>/<file>``; ids are file names relative to ``root``.
 
     Classes are the sorted sub-folder names; pixels scaled to [0, 1], resized to ``size``.

@@ -128,7 +128,7 @@ def evaluate(
                     "stats": {k: v for k, v in res.stats.items()
                               if isinstance(v, int | float | bool | str)}})
         rows[name] = row
-    for name, row in rows.items():
+    for row in rows.values():
         if "failed" not in row:
             row["avg_gap"] = avg_gap(row, rows["retrain"])
     return {"rows": rows, "train_time": t_train, "retrain_time": t_retrain}

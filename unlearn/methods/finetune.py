@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-
 from unlearn.methods.base import ParamState, Unlearner, next_weights, params_result, prepare_params
 from unlearn.train import fit
 
