@@ -13,7 +13,13 @@ from typing import NamedTuple
 
 from unlearn.methods.base import ParamState, Result, Unlearner
 from unlearn.methods.finetune import finetune
+from unlearn.methods.fisher import fisher
+from unlearn.methods.l1_sparse import l1_sparse
+from unlearn.methods.neggrad import neggrad, neggrad_plus
+from unlearn.methods.random_labels import random_labels
 from unlearn.methods.retrain import retrain
+from unlearn.methods.salun import salun
+from unlearn.methods.scrub import scrub
 
 
 class Entry(NamedTuple):
@@ -27,6 +33,13 @@ class Entry(NamedTuple):
 REGISTRY: dict[str, Entry] = {
     "retrain": Entry(retrain, description="retrain from scratch on D∖U (exact oracle)"),
     "finetune": Entry(finetune, description="fine-tune on D∖U (Jia et al. 2023 FT)"),
+    "neggrad": Entry(neggrad, description="gradient ascent on U (Jia et al. 2023 GA)"),
+    "neggrad_plus": Entry(neggrad_plus, description="NegGrad+ (Kurmanji et al. 2023)"),
+    "random_labels": Entry(random_labels, description="random labels on U (Golatkar 2020)"),
+    "scrub": Entry(scrub, description="max/min teacher-student KL steps (Kurmanji et al. 2023)"),
+    "fisher": Entry(fisher, description="retain-Fisher-shaped noise (Golatkar et al. 2020)"),
+    "l1_sparse": Entry(l1_sparse, description="l1-sparse fine-tune (Jia et al. 2023)"),
+    "salun": Entry(salun, description="saliency-masked random labels (Fan et al. 2024)"),
 }
 
 

@@ -1,0 +1,44 @@
+"""Gradient ascent on the forget set (NegGrad) and NegGrad+.
+
+* ``neggrad`` — "GA" in Thudi et al. 2022 ("Unrolling SGD") and Jia et al. 2023 ("Model sparsity
+  can simplify machine unlearning", NeurIPS): maximise the forget loss,
+  ``θ ← θ + η ∇ mean_{i∈U} ℓ_i(θ)``, epochs over U only. Jia et al. run 5 epochs with a
+  learning rate tuned in [1e-6, 1e-4] (SGD, CIFAR-10 ResNet-18); here the default is a quarter
+  of the training epochs at the training optimiser and learning rate (Adam 1e-3 for the small
+  models), each epoch being the few batches of U.
+* ``neggrad_plus`` — Kurmanji et al. 2023 ("Towards unbounded machine unlearning", NeurIPS,
+  the NegGrad+ baseline): descend ``β · L(θ; D∖U) − (1 − β) · mean_{i∈U} ℓ_i(θ)`` with epochs
+  over the retained data and the forget batches cycled alongside. They tune β per setting
+  (values near 1, because U is small); the default β = 0.95 and a quarter of the training
+  epochs (their runs use a few epochs of fine-tuning, far fewer than training).
+"""
+
+from __future__ import annotations
+
+from unlearn.methods._loops import loop_unlearner, mean_ce
+from unlearn.methods.base import Unlearner
+
+
+def _ascent_loss(apply, params, aux, progress, retain, forget):
+    return -mean_ce(apply, params, forget)
+
+
+def _neggrad_plus_loss(apply, params, aux, progress, retain, forget):
+    beta = aux["beta"]
+    return beta * mean_ce(apply, params, retain, aux["l2"]) - (1 - beta) * mean_ce(
+        apply, params, forget)
+
+
+def neggrad(epochs: int | None = None, lr: float | None = None) -> Unlearner:
+    """Gradient ascent on the forget set for ``epochs`` epochs over U (see module doc)."""
+    return loop_unlearner("neggrad", _ascent_loss, driver="forget", epochs=epochs, lr=lr,
+                          hparams={})
+
+
+def neggrad_plus(beta: float = 0.95, epochs: int | None = None,
+                 lr: float | None = None) -> Unlearner:
+    """Descent on D∖U weighted β plus ascent on U weighted 1 − β (Kurmanji et al. 2023)."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta} must lie in [0, 1].")
+    return loop_unlearner("neggrad_plus", _neggrad_plus_loss, driver="retain", epochs=epochs,
+                          lr=lr, hparams={"beta": beta})
