@@ -16,8 +16,10 @@ from unlearn.methods.finetune import finetune
 from unlearn.methods.fisher import fisher
 from unlearn.methods.l1_sparse import l1_sparse
 from unlearn.methods.neggrad import neggrad, neggrad_plus
+from unlearn.methods.newton import newton
 from unlearn.methods.random_labels import random_labels
 from unlearn.methods.retrain import retrain
+from unlearn.methods.sisa import sisa
 from unlearn.methods.salun import salun
 from unlearn.methods.scrub import scrub
 
@@ -33,6 +35,7 @@ class Entry(NamedTuple):
 REGISTRY: dict[str, Entry] = {
     "retrain": Entry(retrain, description="retrain from scratch on D∖U (exact oracle)"),
     "finetune": Entry(finetune, description="fine-tune on D∖U (Jia et al. 2023 FT)"),
+    "sisa": Entry(sisa, description="SISA shards × slices, exact (Bourtoule et al. 2021)"),
     "neggrad": Entry(neggrad, description="gradient ascent on U (Jia et al. 2023 GA)"),
     "neggrad_plus": Entry(neggrad_plus, description="NegGrad+ (Kurmanji et al. 2023)"),
     "random_labels": Entry(random_labels, description="random labels on U (Golatkar 2020)"),
@@ -40,6 +43,7 @@ REGISTRY: dict[str, Entry] = {
     "fisher": Entry(fisher, description="retain-Fisher-shaped noise (Golatkar et al. 2020)"),
     "l1_sparse": Entry(l1_sparse, description="l1-sparse fine-tune (Jia et al. 2023)"),
     "salun": Entry(salun, description="saliency-masked random labels (Fan et al. 2024)"),
+    "newton": Entry(newton, convex_only=True, description="batch Newton removal (Guo et al. 2020)"),
 }
 
 

@@ -1,0 +1,143 @@
+r"""Newton removal (Guo et al. 2020, "Certified Data Removal from Machine Learning Models", ICML).
+
+One batch Newton step on the retained objective removes all ``k`` requested points at once:
+:math:`\theta^- = \theta - (H_r + \lambda_d I)^{-1}\nabla L(\theta; D\setminus U)`, optionally
+followed by a second step at :math:`\theta^-` (``steps=2``). Solvers (``unlearn.influence``):
+
+* ``exact`` — ``prepare`` factors the full-data Hessian at :math:`\theta^*` once (Cholesky);
+  each request is a Woodbury downdate for the removed points' curvature plus an exact
+  correction of the diagonal shift (see :mod:`unlearn.influence`): one gradient and a few
+  triangular solves. Later requests reuse the factor at :math:`\theta^*` with every point
+  removed so far (curvature at the anchor, gradient at the current params). The second step
+  (``steps=2``) uses a fresh dense Hessian at :math:`\theta^-`.
+* ``cg`` — matrix-free conjugate gradients on the HVP at the current params.
+* ``lissa`` — the stochastic Neumann series of Agarwal et al. (2017) on the HVP.
+
+Needs a strictly convex objective (``model.convex``, i.e. softmax regression): the Hessian is
+then positive definite and the Newton step approximates retraining to second order.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unlearn import influence
+from unlearn.methods.base import Unlearner, next_weights, params_result
+from unlearn.train import Fit, Problem, cast
+
+Params = Any
+
+
+class NewtonState(NamedTuple):
+    """Problem, current params and retained weights, plus the cached factor and its anchor."""
+
+    problem: Problem
+    params: Params
+    weights: np.ndarray
+    x: jax.Array
+    y: jax.Array
+    anchor: Params
+    anchor_weights: np.ndarray
+    factor: influence.NewtonFactor | None
+
+
+def check_convex(problem: Problem, method: str = "newton") -> None:
+    """Raise a clear error for a model whose objective is not known to be strictly convex."""
+    if not problem.model.convex:
+        raise ValueError(
+            f"method {method!r} needs a strictly convex model (model.convex=True, e.g. "
+            f"unlearn.models.logreg); got model {problem.model.name!r}. Newton removal assumes a "
+            "positive-definite Hessian; for non-convex models use an approximate method "
+            "(e.g. 'finetune') or exact retraining ('retrain')."
+        )
+
+
+def newton(
+    solver: str = "exact",
+    steps: int = 1,
+    damping: float = 0.0,
+    tol: float | None = None,
+    maxiter: int | None = None,
+    lissa_depth: int = 1000,
+    lissa_scale: float | None = None,
+    report_residual: bool = True,
+) -> Unlearner:
+    r"""Batch Newton removal.
+
+    Args:
+      solver: ``exact`` (cached Cholesky + Woodbury), ``cg`` or ``lissa``.
+      steps: 1 (Guo et al.) or 2 (a second Newton step at the first step's result).
+      damping: :math:`\lambda_d` added to the Hessian's diagonal.
+      tol, maxiter: CG/LiSSA tolerance and CG iteration cap (non-convergence is warned about and
+        reported in ``stats``).
+      lissa_depth, lissa_scale: LiSSA recursion depth and scale (default: 1.5 × a Lanczos
+        estimate of the largest eigenvalue).
+      report_residual: compute the gradient norm of the retained objective after the update
+        (one more gradient) into ``stats["grad_norm"]``.
+    """
+    if solver not in ("exact", "cg", "lissa"):
+        raise ValueError(f"solver={solver!r}: choose 'exact', 'cg' or 'lissa'.")
+    if steps not in (1, 2):
+        raise ValueError(f"steps={steps!r}: choose 1 or 2.")
+    if damping < 0:
+        raise ValueError(f"damping={damping!r} must be >= 0.")
+
+    def prepare(problem: Problem, trained: Fit) -> NewtonState:
+        check_convex(problem)
+        dtype = problem.cfg.dtype
+        params = cast(trained.params, dtype)
+        x = cast(jnp.asarray(problem.train.x), dtype)
+        y = jnp.asarray(problem.train.y)
+        w = np.ones(len(problem.train), np.float32)
+        factor = None
+        if solver == "exact":
+            factor = influence.newton_factor(problem.model.apply, params, x, y,
+                                             jnp.asarray(w, x.dtype), problem.cfg.l2, damping)
+        return NewtonState(problem, params, w, x, y, params, w, factor)
+
+    def forget(state: NewtonState, forget_ids, key):
+        pos, w = next_weights(state, forget_ids)
+        p = state.problem
+        apply, l2 = p.model.apply, p.cfg.l2
+        wj = jnp.asarray(w, state.x.dtype)
+        common = dict(damping=damping, tol=tol, maxiter=maxiter, lissa_depth=lissa_depth,
+                      lissa_scale=lissa_scale, key=key)
+        removed = np.nonzero((state.anchor_weights > 0) & (w == 0))[0]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            params, res = influence.newton_step(
+                apply, state.params, state.x, state.y, wj, l2, solver=solver,
+                factor=state.factor, removed_x=state.x[removed], anchor=state.anchor, **common)
+            results = [res]
+            if steps == 2:
+                params, res2 = influence.newton_step(
+                    apply, params, state.x, state.y, wj, l2,
+                    solver=solver, **common)
+                results.append(res2)
+        converged = all(bool(r.converged) for r in results)
+        for c in caught:
+            warnings.warn(c.message, c.category, stacklevel=2)
+        if not converged and not caught:
+            warnings.warn(f"newton({solver}): the linear solve did not converge "
+                          f"(relative residual {max(float(r.residual) for r in results):.2e})",
+                          RuntimeWarning, stacklevel=2)
+        stats = {
+            "solver": solver,
+            "steps": steps,
+            "k": int(len(pos)),
+            "iterations": int(sum(int(r.iterations) for r in results)),
+            "residual": float(max(float(r.residual) for r in results)),
+            "converged": converged,
+            "method": results[0].method,
+        }
+        if report_residual:
+            g = influence.retained_gradient(apply, params, state.x, state.y, wj, l2)
+            stats["grad_norm"] = float(jnp.linalg.norm(g))
+        return params_result(p, params, stats), state._replace(params=params, weights=w)
+
+    return Unlearner("newton", prepare, forget)
