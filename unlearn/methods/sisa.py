@@ -1,0 +1,48 @@
+"""SISA exact unlearning as a registered method (Bourtoule et al. 2021, IEEE S&P).
+
+``prepare`` trains the S-shard × R-slice ensemble (the single trained model θ* is not used:
+SISA replaces it); ``forget`` retrains only the affected shards from their last unaffected
+checkpoint (:func:`unlearn.sisa.forget`). ``Result.params`` is ``None`` (an ensemble) and
+``Result.logits`` is the aggregate (mean probability or majority vote). Defaults: 4 shards,
+2 slices, uniform assignment, mean-probability aggregation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from unlearn import sisa as sisa_lib
+from unlearn.methods.base import Result, Unlearner
+from unlearn.train import Fit, Problem
+
+
+class SisaMethodState(NamedTuple):
+    """The problem and the trained ensemble."""
+
+    problem: Problem
+    ensemble: sisa_lib.SisaState
+
+
+def sisa(shards: int = 4, slices: int = 2, assignment: str = "uniform",
+         aggregation: str = "mean_prob", strategy: str = "auto") -> Unlearner:
+    """SISA with ``shards`` × ``slices``, aggregated by ``mean_prob`` or ``vote``."""
+    plan = sisa_lib.Plan(shards, slices, assignment)
+    if aggregation not in ("mean_prob", "vote"):
+        raise ValueError(f"aggregation={aggregation!r}: choose 'mean_prob' or 'vote'.")
+
+    def prepare(problem: Problem, trained: Fit) -> SisaMethodState:
+        del trained  # SISA trains its own ensemble in place of θ*
+        ens = sisa_lib.train(problem.model, problem.train, problem.cfg, plan, problem.key,
+                             strategy=strategy)
+        return SisaMethodState(problem, ens)
+
+    def forget(state: SisaMethodState, forget_ids, key):
+        del key  # exact unlearning: a function of the problem's key only
+        ens, stats = sisa_lib.forget(state.ensemble, np.asarray(forget_ids, dtype=str))
+        result = Result(logits=lambda x: sisa_lib.predict(ens, x, aggregation), params=None,
+                        stats=stats)
+        return result, state._replace(ensemble=ens)
+
+    return Unlearner("sisa", prepare, forget)
