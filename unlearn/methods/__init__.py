@@ -21,6 +21,7 @@ from unlearn.methods.random_labels import random_labels
 from unlearn.methods.retrain import retrain
 from unlearn.methods.salun import salun
 from unlearn.methods.scrub import scrub
+from unlearn.methods.sisa import sisa
 
 
 class Entry(NamedTuple):
@@ -34,6 +35,7 @@ class Entry(NamedTuple):
 REGISTRY: dict[str, Entry] = {
     "retrain": Entry(retrain, description="retrain from scratch on D∖U (exact oracle)"),
     "finetune": Entry(finetune, description="fine-tune on D∖U (Jia et al. 2023 FT)"),
+    "sisa": Entry(sisa, description="SISA shards × slices, exact (Bourtoule et al. 2021)"),
     "neggrad": Entry(neggrad, description="gradient ascent on U (Jia et al. 2023 GA)"),
     "neggrad_plus": Entry(neggrad_plus, description="NegGrad+ (Kurmanji et al. 2023)"),
     "random_labels": Entry(random_labels, description="random labels on U (Golatkar 2020)"),
