@@ -164,9 +164,7 @@ def _lanczos(op: Partial, v0: Array, steps: int) -> tuple[Array, Array]:
         betas = betas.at[j].set(jnp.where(ok, beta, 0.0))
         return basis, alphas, betas, ok
 
-    _, alphas, betas, _ = jax.lax.fori_loop(
-        0, m, body, (basis, alphas, betas, jnp.asarray(True))
-    )
+    _, alphas, betas, _ = jax.lax.fori_loop(0, m, body, (basis, alphas, betas, jnp.asarray(True)))
     # Steps after an invariant subspace was found are padded with a Ritz value already inside
     # the spectrum (alpha_0), so they cannot move the extreme estimates.
     alphas = jnp.where(jnp.isnan(alphas), alphas[0], alphas)
@@ -245,9 +243,9 @@ def cholesky_factor(h: Array, damping: float = 0.0) -> CholeskyFactor:
         raise ValueError(
             "Cholesky failed: the curvature matrix plus damping="
             f"{damping:g} is not positive definite (most negative eigenvalue of H is "
-            f"{lam:.4e}). Pass damping= larger than {need:.3e} (e.g. damping={1.1 * need + 1e-8:.3e})"
-            ", use the Gauss-Newton matrix (unlearn.curvature.ggn_vp), or increase the L2 "
-            "coefficient."
+            f"{lam:.4e}). Pass damping= larger than {need:.3e} "
+            f"(e.g. damping={1.1 * need + 1e-8:.3e}), use the Gauss-Newton matrix "
+            "(unlearn.curvature.ggn_vp), or increase the L2 coefficient."
         )
     return CholeskyFactor(factor)
 
@@ -256,6 +254,18 @@ def cholesky_factor(h: Array, damping: float = 0.0) -> CholeskyFactor:
 def cholesky_solve(factor: CholeskyFactor, b: Array) -> Array:
     """Solve ``(L L^T) x = b`` with two triangular solves; ``b`` may be ``(p,)`` or ``(p, m)``."""
     return jax.scipy.linalg.cho_solve((factor.factor, True), b)
+
+
+@jax.jit
+def _cholesky_solve_checked(
+    factor: CholeskyFactor, b: Array, tol: Array
+) -> tuple[Array, Array, Array]:
+    x = jax.scipy.linalg.cho_solve((factor.factor, True), b)
+    fop = Partial(_factor_matvec, factor.factor)
+    bb = b.reshape(b.shape[0], -1)
+    xx = x.reshape(x.shape[0], -1)
+    res = jnp.max(jax.vmap(_rel_residual, (None, 1, 1))(fop, xx, bb))
+    return x, res, (res <= tol) & jnp.all(jnp.isfinite(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,13 +620,8 @@ def solve(
                 "method='cholesky' needs a dense matrix or a CholeskyFactor; use method='cg' "
                 "for a matrix-free operator (or curvature.hessian to build the matrix)"
             )
-        x = cholesky_solve(factor, b)
-        fop = Partial(_factor_matvec, factor.factor)
-        bb = b.reshape(b.shape[0], -1)
-        xx = x.reshape(x.shape[0], -1)
-        res = jnp.max(jax.vmap(_rel_residual, (None, 1, 1))(fop, xx, bb))
         tol = _default_tol(b.dtype, "cholesky") if tol is None else tol
-        conv = (res <= tol) & jnp.all(jnp.isfinite(x))
+        x, res, conv = _cholesky_solve_checked(factor, b, jnp.asarray(tol, b.dtype))
         result = SolveResult(x, jnp.asarray(0), res, conv, "cholesky")
         _warn_if_not_converged(result)
         return result

@@ -1,0 +1,198 @@
+"""Tests for unlearn.solvers: Cholesky, CG and LiSSA against dense solves, plus failure modes.
+
+float64 is enabled only inside each test (fixture). Tolerances: direct solves of a
+well-conditioned (cond ~ 1e3) float64 system are accurate to ~cond * eps ~ 1e-13; CG is run to
+tol 1e-10 so agrees to ~cond * 1e-10; LiSSA is a truncated series whose error after D steps is
+<= (1 - lambda_min / s)^D, and we choose D so that bound is ~1e-8.
+"""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unlearn import curvature as C
+from unlearn import solvers as S
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _f64(tree):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def _softmax_problem(n, d, k, l2, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = 2.0 * rng.normal(size=(k, d))
+    y = rng.integers(0, k, size=n)
+    x = jnp.asarray(centers[y] + rng.normal(size=(n, d)), jnp.float64)
+    params = {"params": {"bias": 0.1 * rng.normal(size=k), "kernel": 0.1 * rng.normal(size=(d, k))}}
+    params = _f64(params)
+    return nn.Dense(k).apply, params, x, jnp.asarray(y), jnp.ones(n, jnp.float64), l2
+
+
+def _relerr(a, b):
+    """Norm-wise relative error (the quantity bounded by cond(A) * backward error)."""
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def _spd(p=30, cond=1e3, seed=0):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(p, p)))
+    ev = np.logspace(0, np.log10(cond), p)
+    return jnp.asarray((q * ev) @ q.T), jnp.asarray(q), jnp.asarray(ev)
+
+
+def test_methods_agree_with_dense_solve():
+    apply, params, x, y, w, l2 = _softmax_problem(200, 10, 3, 1e-1)
+    h = C.softmax_regression_hessian(params, x, w, l2)
+    b = jnp.asarray(np.random.default_rng(5).normal(size=h.shape[0]))
+    ref = jnp.linalg.solve(h, b)
+    cond = float(jnp.linalg.cond(h))
+
+    r = S.solve(h, b, "cholesky")
+    assert r.method == "cholesky" and bool(r.converged) and float(r.residual) < 1e-12
+    assert _relerr(r.x, ref) < cond * 1e-14
+    fac = S.cholesky_factor(h)
+    assert _relerr(S.cholesky_solve(fac, b), ref) < cond * 1e-14
+    two = S.solve(fac, jnp.stack([b, 2 * b], 1), "cholesky")  # several right-hand sides
+    assert _relerr(two.x[:, 1], 2 * ref) < cond * 1e-14
+
+    op = C.hvp(apply, params, x, y, w, l2)
+    r = S.solve(op, b, "cg", tol=1e-10)
+    assert r.method == "cg" and bool(r.converged) and float(r.residual) <= 1e-10
+    assert 0 < int(r.iterations) <= 10 * h.shape[0]
+    assert _relerr(r.x, ref) < cond * 1e-10
+    r = S.solve(h, b, "cg", tol=1e-10, precond="jacobi")  # dense + Jacobi
+    assert _relerr(r.x, ref) < cond * 1e-10
+
+    lo, hi = S.lanczos_extremes(h, b)
+    ev = jnp.linalg.eigvalsh(h)
+    np.testing.assert_allclose([lo, hi], [ev[0], ev[-1]], rtol=1e-6)
+    scale = 1.2 * hi
+    depth = int(np.ceil(np.log(1e-8) / np.log(1 - ev[0] / scale)))
+    r = S.lissa(op, b, scale=scale, depth=depth, tol=1e-6)
+    assert r.method == "lissa" and bool(r.converged)
+    assert _relerr(r.x, ref) < 1e-6
+
+
+def test_damping_is_the_same_system_for_every_method():
+    h, _, _ = _spd(20, cond=50)
+    b = jnp.arange(20.0) - 7
+    ref = jnp.linalg.solve(h + 0.3 * jnp.eye(20), b)
+    for method, opts in [
+        ("cholesky", {}),
+        ("cg", {"tol": 1e-12}),
+        ("lissa", {"lissa_depth": 3000}),
+    ]:
+        r = S.solve(h, b, method, damping=0.3, **opts)
+        assert _relerr(r.x, ref) < 1e-8, method
+    op = C.dense_matvec(h)
+    r = S.solve(op, b, "lissa", damping=0.3, lissa_depth=3000, scale=80.0)
+    assert _relerr(r.x, ref) < 1e-8
+
+
+def test_cg_regression_large_n_softmax():
+    """JAX 0.10.2 CPU: an HVP on a constant zero tangent inside jit gave NaN at n >= 6000.
+
+    CG must never apply the operator to a compile-time zero; the true residual must match a
+    dense solve at a size where the bug bites (n = 6500), with the operator both passed as
+    data (Partial) and closed over (constants in the program, the worst case).
+    """
+    apply, params, x, y, w, l2 = _softmax_problem(6500, 20, 5, 1e-3)
+    h = C.softmax_regression_hessian(params, x, w, l2)
+    b = C.flat_grad(apply, params, x, y, w, l2)
+    ref = jnp.linalg.solve(h, b)
+    op = C.hvp(apply, params, x, y, w, l2)
+
+    def closure(v):  # closes over params and data
+        return op(v)
+
+    for mv in (op, closure):
+        r = S.cg(mv, b, tol=1e-9)
+        assert bool(r.converged) and int(r.iterations) > 0
+        true_res = float(jnp.linalg.norm(b - h @ r.x) / jnp.linalg.norm(b))
+        assert true_res <= 1e-6 and abs(true_res - float(r.residual)) < 1e-8
+        assert float(jnp.linalg.norm(r.x - ref) / jnp.linalg.norm(ref)) <= 1e-6
+    # warm start passed as an argument
+    r = S.cg(op, b, x0=0.5 * ref, tol=1e-9)
+    assert bool(r.converged) and float(r.residual) <= 1e-9
+
+
+def test_cg_not_converged_flags_and_warns():
+    h, _, _ = _spd(30, cond=1e3)
+    b = jnp.ones(30)
+    with pytest.warns(RuntimeWarning, match="did not converge.*residual"):
+        r = S.solve(h, b, "cg", maxiter=2)
+    assert not bool(r.converged) and int(r.iterations) == 2 and float(r.residual) > 1e-3
+    with pytest.warns(RuntimeWarning, match="2 iterations"):
+        S.cg(h, b, maxiter=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = jax.jit(lambda b: S.cg(h, b, maxiter=2))(b)  # no warning under jit
+    assert isinstance(out, S.SolveResult) and out.method == "cg" and not bool(out.converged)
+
+
+def test_not_positive_definite_raises_and_damping_warns():
+    h, q, ev = _spd(12, cond=10)
+    ev = ev.at[0].set(-0.5)
+    h = (q * ev) @ q.T
+    b = jnp.ones(12)
+    with pytest.raises(ValueError, match="damping") as exc:
+        S.solve(h, b, "cholesky")
+    assert "-5.0000e-01" in str(exc.value)
+    with pytest.raises(ValueError, match="damping"):
+        S.solve(h, b, "cg")
+    with pytest.raises(ValueError, match="damping"):
+        S.cholesky_factor(h)
+    with pytest.warns(RuntimeWarning, match=r"not PSD.*-5\.0000e-01"):
+        r = S.solve(h, b, "cholesky", damping=1.0)
+    assert _relerr(r.x, jnp.linalg.solve(h + jnp.eye(12), b)) < 1e-12
+    with pytest.warns(RuntimeWarning, match="not PSD"):
+        r = S.solve(C.dense_matvec(h), b, "cg", damping=1.0, tol=1e-12)
+    assert _relerr(r.x, jnp.linalg.solve(h + jnp.eye(12), b)) < 1e-10
+
+
+def test_lissa_divergence_detected():
+    h, _, ev = _spd(20, cond=100)  # lambda_max = 100
+    b = jnp.ones(20)
+    with pytest.raises(ValueError, match="scale"):
+        S.lissa(h, b, scale=40.0, depth=200)
+    with pytest.raises(ValueError, match="scale"):
+        S.solve(h, b, "lissa", scale=40.0)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        r = S.lissa(h, b, scale=40.0, depth=200, check_scale=False)
+    assert not bool(r.converged) and "scale" in r.message
+
+
+def test_lissa_stochastic_minibatch_matvec():
+    apply, params, x, y, w, l2 = _softmax_problem(200, 5, 3, 2e-1)
+    h = C.softmax_regression_hessian(params, x, w, l2)
+    b = jnp.ones(h.shape[0])
+    op = C.hvp(apply, params, x, y, w, l2)
+
+    def batch_hvp(v, key):  # HVP on a random half of the data (unbiased for H)
+        mask = jax.random.bernoulli(key, 0.5, (x.shape[0],)).astype(x.dtype)
+        return C.hvp(apply, params, x, y, mask, l2)(v)
+
+    _, hi = S.lanczos_extremes(op, b)
+    r = S.lissa(
+        op,
+        b,
+        scale=2 * hi,
+        depth=150,
+        repeats=4,
+        stochastic_matvec=batch_hvp,
+        key=jax.random.PRNGKey(0),
+        tol=0.1,
+        warn=False,
+    )
+    ref = jnp.linalg.solve(h, b)
+    assert float(jnp.linalg.norm(r.x - ref) / jnp.linalg.norm(ref)) < 0.1
+    assert not r.message
