@@ -4,7 +4,8 @@ Objective (mean-normalised, as in :mod:`unlearn.train`): for retained examples :
 
 .. math::
 
-    L(\theta; R) = \frac{1}{|R|}\sum_{i\in R}\ell_i(\theta) + \frac{\lambda}{2}\lVert\theta\rVert^2 .
+    L(\theta; R) = \frac{1}{|R|}\sum_{i\in R}\ell_i(\theta)
+                   + \frac{\lambda}{2}\lVert\theta\rVert^2 .
 
 **Newton removal** (Guo et al. 2020, "Certified Data Removal from Machine Learning Models",
 ICML, eq. (1)/§3): removing the set :math:`U` (:math:`|U| = k`) from :math:`D` (:math:`|D| = n`)
