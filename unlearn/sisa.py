@@ -348,9 +348,10 @@ def _place(tree, mesh, axis: int = 0):
     """Put the shard axis (``axis``) of every leaf on the mesh's first axis."""
     if mesh is None:
         return tree
-    from jax.sharding import NamedSharding
+    from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    mesh = Mesh(mesh.devices, mesh.axis_names)  # automatic (GSPMD) axes, whatever was passed
     name = mesh.axis_names[0]
 
     def put(a):

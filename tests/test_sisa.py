@@ -1,0 +1,263 @@
+"""SISA (Bourtoule et al. 2021): plan, exactness of forget against training on D∖U from scratch,
+batched vs looped vs mesh training, aggregation, and the persistent model directory."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from unlearn import data, models, sisa, train
+
+ATOL = 1e-6  # float32: batching k shards vs S shards lets XLA reorder sums (seen: 3e-8)
+
+
+@pytest.fixture(scope="module")
+def setting():
+    s = data.load("digits")
+    tr = s.train.subset(np.arange(241))  # unequal shard and slice sizes on purpose
+    cfg = train.TrainConfig(epochs=4, batch_size=32, lr=3e-3)
+    m = models.mlp(10, (16,))
+    plan = sisa.Plan(4, 3)
+    key = jax.random.key(0)
+    st = sisa.train(m, tr, cfg, plan, key)
+    return m, tr, cfg, plan, key, st, s.test
+
+
+def _max_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_slice_epochs_rule():
+    assert sisa.slice_epochs(20, 4) == [8, 8, 8, 8]  # 2e/(R+1) = 8 exactly: 20 shard passes
+    assert sisa.slice_epochs(20, 1) == [20]
+    assert sisa.slice_epochs(1, 4) == [1, 1, 1, 1]  # at least one epoch per stage
+    for e in range(1, 30):
+        for r in range(1, 6):
+            ep = sisa.slice_epochs(e, r)
+            passes = sum((i + 1) * v for i, v in enumerate(ep)) / r
+            assert passes <= max(e, sum(range(1, r + 1)) / r) + 1e-9
+            assert passes > e - 1 or min(ep) == 1
+
+
+def test_layout_sizes_and_errors(setting):
+    _, tr, _, _, key, _, _ = setting
+    lay = sisa.make_layout(sisa.Plan(4, 3), tr, key)
+    sizes = np.bincount(lay.shard, minlength=4)
+    assert sizes.max() - sizes.min() <= 1
+    for s in range(4):
+        sl = np.bincount(lay.slice[lay.shard == s], minlength=3)
+        assert sl.max() - sl.min() <= 1
+    bal = sisa.make_layout(sisa.Plan(4, 1, "class_balanced"), tr, key)
+    for c in range(10):
+        per = np.bincount(bal.shard[tr.y == c], minlength=4)
+        assert per.max() - per.min() <= 1
+    ov = sisa.make_layout(sisa.Plan(2, 2, overlap=0.5), tr, key)
+    frac = np.mean(ov.slice == 0)
+    assert abs(frac - 2 / 3) < 0.02  # 50% overlap of 2 windows: earliest window holds 2/3
+    with pytest.raises(ValueError, match="larger than the data"):
+        sisa.make_layout(sisa.Plan(300, 1), tr, key)
+    with pytest.raises(ValueError, match="assignment"):
+        sisa.Plan(2, 1, "random")
+
+
+def test_batched_training_equals_loop_over_shards(setting):
+    m, tr, cfg, plan, key, st, _ = setting
+    ref = sisa.train_loop(m, tr, cfg, plan, key)
+    assert _max_diff(ref, st.params) <= ATOL
+    unrolled = sisa.train(m, tr, cfg, plan, key, strategy="unroll")
+    assert _max_diff(unrolled.ckpts, st.ckpts) <= ATOL
+
+
+def test_mesh_gives_same_result(setting):
+    m, tr, cfg, plan, key, st, _ = setting
+    assert len(jax.devices()) == 4
+    mesh = jax.make_mesh((4,), ("shards",))
+    on_mesh = sisa.train(m, tr, cfg, plan, key, mesh=mesh)
+    assert _max_diff(on_mesh.ckpts, st.ckpts) <= ATOL
+    ids = tr.ids[:3]
+    a, _ = sisa.forget(on_mesh, ids)
+    b, _ = sisa.forget(st, ids)
+    assert _max_diff(a.ckpts, b.ckpts) <= ATOL
+    with pytest.raises(ValueError, match="multiple of the mesh"):
+        sisa.train(m, tr, cfg, sisa.Plan(3, 1), key, mesh=mesh)
+
+
+def _forget_sets(st, tr):
+    sh, sl = st.layout.lookup(tr.ids)
+    return {
+        "first_slice": tr.ids[(sh == 1) & (sl == 0)][:2],
+        "last_slice": tr.ids[(sh == 2) & (sl == 2)][:3],
+        "several_shards": tr.ids[[np.nonzero(sh == s)[0][5] for s in range(4)]],
+        "whole_shard": tr.ids[sh == 3],
+    }
+
+
+@pytest.mark.parametrize("case", ["first_slice", "last_slice", "several_shards", "whole_shard"])
+def test_forget_equals_training_without(setting, case):
+    m, tr, cfg, plan, key, st, test = setting
+    U = _forget_sets(st, tr)[case]
+    new, stats = sisa.forget(st, U)
+    scratch = sisa.train(m, tr.without(U), cfg, plan, key, layout=st.layout)
+    assert _max_diff(new.ckpts, scratch.ckpts) <= ATOL  # every stage's checkpoint
+    np.testing.assert_allclose(np.asarray(sisa.predict(new, test.x[:40])),
+                               np.asarray(sisa.predict(scratch, test.x[:40])), atol=1e-5)
+    sh, _ = st.layout.lookup(U)
+    assert stats["shards_retrained"] == len(np.unique(sh))
+    untouched = np.setdiff1d(np.arange(4), sh)
+    for a, b in zip(jax.tree.leaves(new.ckpts), jax.tree.leaves(st.ckpts), strict=True):
+        np.testing.assert_array_equal(a[:, untouched], b[:, untouched])
+    if case == "last_slice":
+        assert stats["slices_retrained"] == 1
+        assert stats["points_retrained"] < stats["full_retrain_points"] / 4
+    if case == "whole_shard":
+        assert new.shard_sizes()[3] == 0 and stats["points_retrained"] == 0
+
+
+def test_sequential_forgets_and_input_not_mutated(setting):
+    m, tr, cfg, plan, key, st, _ = setting
+    before = [np.array(a) for a in jax.tree.leaves(st.ckpts)]
+    a, _ = sisa.forget(st, tr.ids[:2])
+    b, _ = sisa.forget(a, tr.ids[10:12])
+    scratch = sisa.train(m, tr.without(np.concatenate([tr.ids[:2], tr.ids[10:12]])), cfg, plan,
+                         key, layout=st.layout)
+    assert _max_diff(b.ckpts, scratch.ckpts) <= ATOL
+    for x, y in zip(before, jax.tree.leaves(st.ckpts), strict=True):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="already forgotten"):
+        sisa.forget(b, tr.ids[1:2])
+    with pytest.raises(KeyError, match="not in dataset"):
+        sisa.forget(b, ["no-such-id"])
+
+
+def test_aggregation_hand_computed():
+    # 3 shards, 1 example, 3 classes: votes 2 for class 1, 1 for class 0 (confident)
+    logits = np.log(np.array([[[0.9, 0.05, 0.05]], [[0.3, 0.4, 0.3]], [[0.3, 0.4, 0.3]]],
+                             np.float32))
+    mean = np.asarray(sisa.aggregate(logits, np.ones(3), "mean_prob"))
+    np.testing.assert_allclose(np.exp(mean), [[0.5, 0.85 / 3, 0.65 / 3]], rtol=1e-6)
+    vote = np.asarray(sisa.aggregate(logits, np.ones(3), "vote"))
+    assert np.argmax(mean) == 0 and np.argmax(vote) == 1  # the two rules disagree here
+    dropped = np.asarray(sisa.aggregate(logits, np.array([0.0, 1, 1]), "vote"))
+    np.testing.assert_allclose(np.exp(dropped), [[(0 + 0.3) / 3, (2 + 0.4) / 3, 0.3 / 3]],
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="aggregation"):
+        sisa.aggregate(logits, np.ones(3), "median")
+
+
+# ----------------------------------------------------------------------------- persistence
+
+
+def _folder(root, n_per=8):
+    rng = np.random.default_rng(0)
+    colours = {"Away": (200, 30, 30), "Home": (30, 30, 200), "Third": (30, 160, 30)}
+    for cname, col in colours.items():
+        (root / cname).mkdir(parents=True)
+        for i in range(n_per):
+            img = np.clip(np.array(col) + rng.normal(0, 25, (8, 8, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / cname / f"{cname}_image{i:02d}.png")
+    return f"folder:{root}"
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    spec = _folder(tmp_path / "imgs")
+    d = tmp_path / "model"
+    assert sisa.cli(["train", str(d), "--data", spec, "--model", "logreg", "--shards", "2",
+                     "--slices", "2", "--epochs", "2", "--batch-size", "8", "--lr", "0.01"]) == 0
+    return d
+
+
+def _served(d):
+    st, v, _ = sisa.load(d)
+    return st, v
+
+
+def test_persistent_forget_verify_and_noop(model_dir, capsys):
+    st0, v0 = _served(model_dir)
+    name = [i for i in st0.data.ids.tolist() if i.startswith("Away/")][0].split("/")[1]
+    assert sisa.cli(["forget", str(model_dir), "--ids", name]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["version"] == v0 + 1 and not out["noop"]
+    st1, v1 = _served(model_dir)
+    assert (~st1.alive).sum() == 1 and st1.data.ids[~st1.alive][0] == f"Away/{name}"
+    # equals a from-scratch training without the id, with the stored plan
+    scratch = sisa.train(st0.model, st0.data.without([f"Away/{name}"]), st0.cfg, st0.plan,
+                         st0.key, layout=st0.layout)
+    assert _max_diff(st1.ckpts, scratch.ckpts) <= ATOL
+    assert sisa.cli(["verify", str(model_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"]
+    assert sisa.cli(["forget", str(model_dir), "--ids", name]) == 0  # twice: a no-op
+    out = json.loads(capsys.readouterr().out)
+    assert out["noop"] and out["already_forgotten"] == [f"Away/{name}"]
+    assert len(sisa.read_ledger(model_dir)) == 1
+    assert sisa.cli(["forget", str(model_dir), "--ids", "nobody.png"]) == 2
+    assert "not in the dataset" in capsys.readouterr().err
+    assert sisa.cli(["status", str(model_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["forgotten"] == 1
+
+
+@pytest.mark.parametrize("where", ["after_checkpoint", "after_ledger"])
+def test_interrupted_forget_is_consistent_and_repeatable(model_dir, monkeypatch, where):
+    st0, v0 = _served(model_dir)
+    ids = st0.data.ids[:2].tolist()
+
+    def boom(name):
+        if name == where:
+            raise RuntimeError("injected crash")
+
+    monkeypatch.setattr(sisa, "_crash_point", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        sisa.forget_persistent(model_dir, ids)
+    monkeypatch.setattr(sisa, "_crash_point", lambda name: None)
+    st, v = _served(model_dir)
+    if where == "after_checkpoint":  # not committed: the old model is served, request repeats
+        assert v == v0 and st.alive.all() and sisa.read_ledger(model_dir) == []
+        assert _max_diff(st.ckpts, st0.ckpts) == 0.0
+        out = sisa.forget_persistent(model_dir, ids)
+        assert not out["noop"] and out["version"] == v0 + 1
+    else:  # committed in the ledger: rolled forward on open, repeating is a no-op
+        assert v == v0 + 1 and (~st.alive).sum() == 2
+        assert sisa.forget_persistent(model_dir, ids)["noop"]
+    assert sisa.verify(model_dir)["ok"]
+
+
+def test_corrupt_or_missing_checkpoint_is_a_clear_error(model_dir, capsys):
+    vdir = model_dir / "versions" / "v000000"
+    before = (model_dir / "CURRENT").read_text()
+    victim = max((p for p in (vdir / "ckpt").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(sisa.ModelDirError, match="corrupt"):
+        sisa.load(model_dir)
+    assert sisa.cli(["forget", str(model_dir), "--ids", "Away_image01.png"]) == 2
+    assert "nothing was changed" in capsys.readouterr().err
+    assert (model_dir / "CURRENT").read_text() == before
+    assert sisa.read_ledger(model_dir) == []
+    assert not (model_dir / "versions" / "v000001").exists()
+    import shutil
+
+    shutil.rmtree(vdir / "ckpt")
+    with pytest.raises(sisa.ModelDirError, match="missing or corrupt"):
+        sisa.load(model_dir)
+    with pytest.raises(sisa.ModelDirError, match="not a SISA model"):
+        sisa.load(model_dir.parent / "nowhere")
+
+
+def test_registered_method_matches_library(setting):
+    from unlearn import methods
+
+    m, tr, cfg, _, key, _, test = setting
+    problem = train.Problem(m, tr, cfg, key)
+    um = methods.get("sisa", shards=4, slices=3)
+    state = um.prepare(problem, None)
+    res, _ = um.forget(state, tr.ids[:4], jax.random.key(1))
+    assert res.params is None and res.stats["shards_retrained"] >= 1
+    scratch = sisa.train(m, tr.without(tr.ids[:4]), cfg, sisa.Plan(4, 3), key,
+                         layout=state.ensemble.layout)
+    np.testing.assert_allclose(np.asarray(res.logits(test.x[:30])),
+                               np.asarray(sisa.predict(scratch, test.x[:30])), atol=1e-5)
