@@ -143,3 +143,43 @@ def default_problem(dataset: str, model: str, *, seed: int = 0, model_kwargs: di
     m = models.make(model, split.train.num_classes, **(model_kwargs or {}))
     cfg = TrainConfig(**train_kwargs)
     return Problem(m, split.train, cfg, jax.random.key(seed)), split
+
+
+def mia_extra(*, result: Result, problem: Problem, split: Split, forget_ids, **_) -> dict:
+    """``extras=`` hook: membership inference on forget vs test (``unlearn.mia``).
+
+    ``mia_auc`` is the loss-threshold attack's AUC (so "Avg. Gap" includes it); ``mia_kit_auc``
+    and ``mia_kit_acc`` are the NeurIPS 2023 challenge kit's logistic attack (cross-validated).
+    """
+    from unlearn import mia
+
+    tr = problem.train
+    fl, tl = mia.forget_test_losses(result.logits, tr.subset(tr.positions(forget_ids)),
+                                    split.test)
+    kit = mia.kit_attack(fl, tl)
+    return {"mia_auc": mia.loss_threshold_auc(fl, tl), "mia_kit_auc": kit["auc"],
+            "mia_kit_acc": kit["accuracy"]}
+
+
+def mean_std_over_seeds(per_seed: Sequence[dict]) -> dict[str, dict]:
+    """Per method, ``{metric: {"mean", "std", "n"}}`` over the seeds where it did not fail;
+    a method that failed on every seed maps to ``{"failed": reason}``; ``failed_seeds`` counts
+    the failures of the others."""
+    out: dict[str, dict] = {}
+    names = list(dict.fromkeys(n for rows in per_seed for n in rows))
+    for name in names:
+        rows = [r[name] for r in per_seed if name in r]
+        ok = [r for r in rows if "failed" not in r]
+        if not ok:
+            out[name] = {"failed": rows[0]["failed"]}
+            continue
+        keys = [k for k, v in ok[0].items() if isinstance(v, int | float)
+                and not isinstance(v, bool)]
+        stats = {}
+        for k in keys:
+            vals = np.array([r[k] for r in ok if r.get(k) is not None], np.float64)
+            stats[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)),
+                        "n": int(len(vals))}
+        stats["failed_seeds"] = len(rows) - len(ok)
+        out[name] = stats
+    return out
