@@ -88,8 +88,11 @@ def forget_row(tr) -> dict:
 
 
 def table(rows: list[dict], fg: dict) -> str:
+    load = os.getloadavg()[0]
     lines = [f"Digits train set ({EPOCHS} epochs, batch 32, R = 1), CPU "
-             f"({os.cpu_count()} cores), jax {jax.__version__}; median of {REPEATS}.", "",
+             f"({os.cpu_count()} cores, load average {load:.1f} at the end of the run: other "
+             f"jobs share the cores, so ratios are noisy), jax {jax.__version__}; median of "
+             f"{REPEATS}.", "",
              "| model | S | strategy | batched (s) | loop over shards (s) | one model (s) | "
              "batched / loop | batched / one model |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -261,3 +261,16 @@ def test_registered_method_matches_library(setting):
                          layout=state.ensemble.layout)
     np.testing.assert_allclose(np.asarray(res.logits(test.x[:30])),
                                np.asarray(sisa.predict(scratch, test.x[:30])), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_tradeoff_experiment_smoke(tmp_path):
+    from experiments import sisa_tradeoff
+    from unlearn import runner
+
+    p = runner.run_experiment(sisa_tradeoff, config="smoke", out=tmp_path)
+    res = json.loads(p.read_text())["results"]
+    assert res["hockey"]["max_abs_diff_vs_scratch"] <= ATOL
+    assert res["hockey"]["shards_retrained"] <= 3
+    assert all(r["points_per_request"] <= r["full_points"] for r in res["rows"])
+    assert (tmp_path / "smoke" / "sisa_tradeoff.png").exists()
