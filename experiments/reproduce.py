@@ -13,7 +13,7 @@ from pathlib import Path
 
 from unlearn import runner
 
-EXPERIMENTS = ["forget_basic", "influence_loo", "sisa_tradeoff", "compare_methods"]
+EXPERIMENTS = ["forget_basic", "influence_loo", "certified_removal", "sisa_tradeoff", "compare_methods"]
 
 
 def main(argv: list[str] | None = None) -> None:
