@@ -13,7 +13,8 @@ from pathlib import Path
 
 from unlearn import runner
 
-EXPERIMENTS = ["forget_basic", "influence_loo", "certified_removal", "sisa_tradeoff", "compare_methods"]
+EXPERIMENTS = ["forget_basic", "influence_loo", "certified_removal", "sisa_tradeoff",
+               "compare_methods"]
 
 
 def main(argv: list[str] | None = None) -> None:
