@@ -276,7 +276,8 @@ def main() -> None:
         f"jax {jax.__version__}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPU cores, backend {jax.default_backend()}; total {total:.0f} s. "
         "Targets: exact Hessian at p=7850/n=60000 ≤ 60 s; HVP ≤ 2× gradient. Timings are "
-        "medians of warm runs unless marked (compile excluded); the machine may be shared.\n"
+        "medians of warm runs unless marked (compile excluded); the machine may be shared: "
+        f"load average at the end {os.getloadavg()[0]:.1f}.\n"
     )
     body = header + "\n" + "\n\n".join(sections) + "\n"
     print("\n" + body)
