@@ -153,15 +153,18 @@ class Phase(NamedTuple):
 def loop_unlearner(name: str, loss: Callable | None, *, driver: str, epochs: int | None,
                    lr: float | None, hparams: dict, relabel: bool = False,
                    mask_fn: Callable | None = None,
-                   plan: Callable[[int], list[Phase]] | None = None) -> Unlearner:
+                   plan: Callable[[int], list[Phase]] | None = None,
+                   lr_scale: float = 1.0) -> Unlearner:
     """An :class:`Unlearner` that runs :func:`descend` with ``loss`` from the current params.
 
     ``hparams`` become ``aux`` (traced, so changing them does not recompile), together with
-    ``l2`` (the training weight decay) and ``teacher`` (the params before this request).
+    ``l2`` (the training weight decay), ``teacher`` (the params before this request) and
+    ``forget_ratio`` = |U| / |D∖U|.
     ``relabel`` replaces the forget labels by random other classes; ``mask_fn(problem, params,
     forget_rows, labels)`` returns a 0/1 gradient mask (SalUn). ``plan(epochs)`` lists the
     phases (loss, driver, epochs) to run in order, sharing one optimiser state (SCRUB's
-    alternating max/min steps); by default one phase of ``loss`` over every epoch.
+    alternating max/min steps); by default one phase of ``loss`` over every epoch. Without
+    ``lr`` the learning rate is ``lr_scale`` × the training learning rate.
     """
     if plan is None:
         plan = lambda n: [Phase(loss, driver, range(n))]  # noqa: E731
@@ -174,6 +177,7 @@ def loop_unlearner(name: str, loss: Callable | None, *, driver: str, epochs: int
         labels = (random_labels(p.train.y, pos, p.train.num_classes, k_lab) if relabel
                   else np.asarray(p.train.y))
         aux = {"l2": jnp.float32(p.cfg.l2), "teacher": state.params,
+               "forget_ratio": jnp.float32(len(pos) / max(1.0, float(w.sum()))),
                **{k: jnp.float32(v) for k, v in hparams.items()}}
         mask = mask_fn(p, state.params, pos, labels) if mask_fn is not None else None
         params, opt_state, steps, seed = state.params, None, 0, key_seed(k_ord)
@@ -181,8 +185,8 @@ def loop_unlearner(name: str, loss: Callable | None, *, driver: str, epochs: int
             params, opt_state, k = descend(
                 p, params, ph.loss, aux, retain_rows=np.nonzero(w > 0)[0], forget_rows=pos,
                 labels=labels, epochs=ph.epochs, total_epochs=n_ep,
-                lr=lr if lr is not None else p.cfg.lr, seed=seed, driver=ph.driver, mask=mask,
-                opt_state=opt_state)
+                lr=lr if lr is not None else lr_scale * p.cfg.lr, seed=seed, driver=ph.driver,
+                mask=mask, opt_state=opt_state)
             steps += k
         stats = {"epochs": n_ep, "steps": steps, **hparams}
         return params_result(p, params, stats), state._replace(params=params, weights=w)

@@ -2,10 +2,12 @@
 
 Golatkar et al. 2020 and Jia et al. 2023 ("Model sparsity can simplify machine unlearning",
 NeurIPS, the RL baseline): each forget example gets a uniformly random *other* class and the
-model descends ``L(θ; D∖U) + mean_{i∈U} ℓ(f_θ(x_i), ỹ_i)``, epochs over the retained data with
-the relabelled forget batches cycled alongside. Jia et al. run 10 epochs (of 182 training
-epochs) at a tuned learning rate; here the default is a quarter of the training epochs at the
-training optimiser and learning rate.
+model is fine-tuned on the union D∖U ∪ Ũ. Each step pairs a retained batch with a cycled
+relabelled forget batch and descends ``L(θ; D∖U) + (|U|/|D∖U|) · mean_{i∈U} ℓ(f_θ(x_i), ỹ_i)``,
+whose expectation is the union's mean loss up to the factor |D|/|D∖U| (every example, retained
+or relabelled, weighs the same, as in a pass over the union). Jia et al. run 10 epochs (of 182
+training epochs) at a tuned learning rate; here the default is a quarter of the training epochs
+at the training optimiser and learning rate.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from unlearn.methods.base import Unlearner
 
 
 def relabel_loss(apply, params, aux, progress, retain, forget):
-    """CE on the retained batch (with weight decay) + CE on the relabelled forget batch."""
-    return mean_ce(apply, params, retain, aux["l2"]) + mean_ce(apply, params, forget)
+    """CE on the retained batch (with weight decay) + |U|/|D∖U| · CE on the relabelled batch."""
+    return mean_ce(apply, params, retain, aux["l2"]) + aux["forget_ratio"] * mean_ce(
+        apply, params, forget)
 
 
 def random_labels(epochs: int | None = None, lr: float | None = None) -> Unlearner:

@@ -6,9 +6,9 @@ Weight saliency is the magnitude of the forget-loss gradient at the current para
 ``m = 1[s ≥ quantile_{1−ratio}(s)]`` over all parameters of the network (Eq. 5–6 of the paper;
 ``ratio`` = 0.5 is their default hard threshold at the median). Then random-label fine-tuning
 (:mod:`unlearn.methods.random_labels`) updates only the masked weights:
-``θ ← θ − η m ⊙ ∇[L(θ; D∖U) + mean_{i∈U} ℓ(f_θ(x_i), ỹ_i)]``. Fan et al. run 10 epochs of
-RL on CIFAR-10; the default here is a quarter of the training epochs at the training optimiser
-and learning rate.
+``θ ← θ − η m ⊙ ∇[L(θ; D∖U) + (|U|/|D∖U|) mean_{i∈U} ℓ(f_θ(x_i), ỹ_i)]``.
+Fan et al. run 10 epochs of RL on CIFAR-10; the default here is a quarter of the training epochs
+at the training optimiser and learning rate.
 """
 
 from __future__ import annotations
