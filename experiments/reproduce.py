@@ -13,7 +13,7 @@ from pathlib import Path
 
 from unlearn import runner
 
-EXPERIMENTS = ["forget_basic", "influence_loo", "certified_removal", "sisa_tradeoff",
+EXPERIMENTS = ["forget_basic", "influence_loo", "certified_removal", "sisa_tradeoff", "scaling",
                "compare_methods"]
 
 

@@ -12,8 +12,11 @@ of parameters p = K(d+1) runs from ~10² to ~10⁶. For each p, k points are rem
 * ``sisa``: retraining one shard of S=8 (what a SISA forget costs for one point),
 * ``retrain``: L-BFGS on D∖U from scratch (the oracle).
 
-Every (method, p) runs in its own subprocess, so peak memory (``ru_maxrss``) is measured per
-method; reported as the increase over the process after loading its data. The plot marks the
+Each p runs in its own subprocess (so one size's memory never counts against another). Inside
+it the methods run in order of expected memory (retrain, sisa, cg, lissa, exact) and each
+method's memory is the rise of the process's peak resident set (``ru_maxrss``) during its run:
+exact for the method that sets a new high-water mark, a lower bound (often 0) for one that
+needs less than an earlier method. The plot marks the
 crossovers where an implicit method becomes cheaper than the exact one and where retraining one
 shard becomes cheaper than a Newton step.
 """
@@ -32,12 +35,12 @@ import numpy as np
 from unlearn import plotting, runner
 
 NAME = "scaling"
-METHODS = ("exact", "cg", "lissa", "sisa", "retrain")
+METHODS = ("retrain", "sisa", "cg", "lissa", "exact")  # increasing memory
 CONFIGS = {
     "default": dict(ps=(100, 1000, 10_000, 100_000, 1_000_000), n=1000, k=10, classes=10,
                     exact_max_p=12_000, shards=8, lbfgs_iter=100, cg_tol=1e-6,
                     lissa_depth=100, seed=0),
-    "smoke": dict(ps=(100, 1000, 5000), n=300, k=5, classes=10, exact_max_p=5000, shards=8,
+    "smoke": dict(ps=(300,), n=300, k=5, classes=10, exact_max_p=5000, shards=8,
                   lbfgs_iter=30, cg_tol=1e-5, lissa_depth=20, seed=0),
 }
 
@@ -46,10 +49,15 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def worker(method: str, p: int, n: int, k: int, classes: int, shards: int, lbfgs_iter: int,
-           cg_tol: float, lissa_depth: int, seed: int) -> dict:
-    """Time one request of ``method`` at size ``p`` (runs inside its own process)."""
+def worker(methods: list[str], p: int, n: int, k: int, classes: int, shards: int,
+           lbfgs_iter: int, cg_tol: float, lissa_depth: int, seed: int) -> list[dict]:
+    """Time one request of each method at size ``p`` (runs inside its own process)."""
+    import tempfile
+
     import jax
+
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(tempfile.gettempdir(), "unlearn-jax-cache"))
     import jax.numpy as jnp
 
     from unlearn import curvature, solvers, train
@@ -72,13 +80,12 @@ def worker(method: str, p: int, n: int, k: int, classes: int, shards: int, lbfgs
     w[:k] = 0.0
     xj, yj, wj = jnp.asarray(x), jnp.asarray(y), jnp.asarray(w)
     flat, unravel = jax.flatten_util.ravel_pytree(theta)
-    base = _rss_mb()
 
     def grad_r():
         return jax.grad(lambda t: train.objective(model.apply, unravel(t), xj, yj, wj,
                                                   cfg.l2))(flat)
 
-    def run():
+    def run(method):
         if method == "exact":
             h = curvature.softmax_regression_hessian(theta, xj, wj, cfg.l2)
             fac = solvers.cholesky_factor(h)
@@ -97,12 +104,16 @@ def worker(method: str, p: int, n: int, k: int, classes: int, shards: int, lbfgs
             return train.fit(model, ds, cfg, key, weights=w).params
         raise ValueError(f"method={method!r}: choose one of {METHODS}.")
 
-    jax.block_until_ready(run())  # compile (and warm caches)
-    t0 = time.perf_counter()
-    jax.block_until_ready(run())
-    dt = time.perf_counter() - t0
-    return {"method": method, "p": int(flat.size), "d": d, "n": n, "time": dt,
-            "peak_mb": _rss_mb() - base}
+    out = []
+    for method in methods:
+        base = _rss_mb()
+        jax.block_until_ready(run(method))  # compile (and warm caches)
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(method))
+        dt = time.perf_counter() - t0
+        out.append({"method": method, "p": int(flat.size), "d": d, "n": n, "time": dt,
+                    "peak_mb": _rss_mb() - base})
+    return out
 
 
 def run(*, ps, n, k, classes, exact_max_p, shards, lbfgs_iter, cg_tol, lissa_depth,
@@ -110,26 +121,26 @@ def run(*, ps, n, k, classes, exact_max_p, shards, lbfgs_iter, cg_tol, lissa_dep
     """Run every (method, p) in a subprocess; failures (e.g. out of memory) are recorded."""
     rows = []
     for p in ps:
-        for method in METHODS:
-            if method == "exact" and p > exact_max_p:
-                rows.append({"method": method, "p": p, "skipped": f"p > exact_max_p "
-                             f"({exact_max_p}): p² float32 Hessian needs "
-                             f"{4 * p * p / 2**30:.1f} GiB"})
-                continue
-            args = json.dumps(dict(method=method, p=p, n=n, k=k, classes=classes,
-                                   shards=shards, lbfgs_iter=lbfgs_iter, cg_tol=cg_tol,
-                                   lissa_depth=lissa_depth, seed=seed))
-            env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-                   "XLA_FLAGS": ""}
-            out = subprocess.run([sys.executable, "-m", "experiments.scaling", "--worker", args],
-                                 capture_output=True, text=True, env=env, timeout=900,
-                                 cwd=os.path.dirname(os.path.dirname(__file__)) or ".")
-            if out.returncode != 0:
-                rows.append({"method": method, "p": p,
-                             "failed": out.stderr.strip().splitlines()[-1:]})
-            else:
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"[scaling] {rows[-1]}", file=sys.stderr)
+        methods = list(METHODS)
+        if p > exact_max_p:
+            methods.remove("exact")
+            rows.append({"method": "exact", "p": p, "skipped": f"p > exact_max_p "
+                         f"({exact_max_p}): the p² float32 Hessian needs "
+                         f"{4 * p * p / 2**30:.1f} GiB"})
+        args = json.dumps(dict(methods=methods, p=p, n=n, k=k, classes=classes,
+                               shards=shards, lbfgs_iter=lbfgs_iter, cg_tol=cg_tol,
+                               lissa_depth=lissa_depth, seed=seed))
+        env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+               "XLA_FLAGS": ""}
+        out = subprocess.run([sys.executable, "-m", "experiments.scaling", "--worker", args],
+                             capture_output=True, text=True, env=env, timeout=900,
+                             cwd=os.path.dirname(os.path.dirname(__file__)) or ".")
+        if out.returncode != 0:
+            rows += [{"method": m, "p": p, "failed": out.stderr.strip().splitlines()[-1:]}
+                     for m in methods]
+        else:
+            rows += json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"[scaling] p={p}: {rows[-len(methods):]}", file=sys.stderr)
     return {"rows": rows, "crossovers": crossovers(rows)}
 
 
