@@ -86,14 +86,10 @@ def _normaliser(w: Array) -> Array:
     return jnp.maximum(jnp.sum(w), 1.0)
 
 
-def _sq_norm(params: PyTree) -> Array:
-    return sum(jnp.vdot(leaf, leaf) for leaf in jax.tree_util.tree_leaves(params))
-
-
 def objective(
     params: PyTree, apply: Apply, x: Array, y: Array, w: Array, l2: float | Array
 ) -> Array:
-    r"""The project's training objective.
+    r"""The project's training objective (``unlearn.train.objective``, params first).
 
     :math:`L(\theta) = \sum_i w_i\,\mathrm{CE}(f_\theta(x_i), y_i) / \max(\sum_i w_i, 1)
     + (\lambda/2)\lVert\theta\rVert^2`.
@@ -106,9 +102,9 @@ def objective(
       w: per-example float weights/mask ``(n,)`` (0 removes an example).
       l2: L2 coefficient :math:`\lambda` applied to every parameter.
     """
-    w = jnp.asarray(w)
-    ce = _cross_entropy(apply(params, x), y)
-    return jnp.sum(w * ce) / _normaliser(w) + 0.5 * l2 * _sq_norm(params)
+    from unlearn.train import objective as train_objective
+
+    return train_objective(apply, params, x, y, jnp.asarray(w), l2)
 
 
 def flat_objective(apply: Apply, unravel: Callable[[Array], PyTree]) -> Callable[..., Array]:

@@ -2,7 +2,7 @@
 
 The objective (DESIGN.md "Core shapes") is
 
-    L(θ; D, w) = Σ_i w_i ℓ(f_θ(x_i), y_i) / Σ_i w_i + (λ/2) ‖θ‖²
+    L(θ; D, w) = Σ_i w_i ℓ(f_θ(x_i), y_i) / max(Σ_i w_i, 1) + (λ/2) ‖θ‖²
 
 with ℓ the softmax cross-entropy and ``w`` a per-example weight/mask. "D without U" is the same
 compiled function with ``w = 0`` on U: no recompiles, no reshaping, and retraining is exactly
@@ -86,9 +86,9 @@ def l2_norm_sq(params: Params) -> jax.Array:
 
 
 def objective(apply, params: Params, x, y, w, l2: float) -> jax.Array:
-    """L(θ) = Σ w_i ℓ_i / max(Σ w_i, 1e-12) + (l2/2)‖θ‖²."""
+    """L(θ) = Σ w_i ℓ_i / max(Σ w_i, 1) + (l2/2)‖θ‖² (an all-zero mask gives the penalty only)."""
     losses = example_losses(apply, params, x, y)
-    total = jnp.maximum(jnp.sum(w), 1e-12)
+    total = jnp.maximum(jnp.sum(w), 1.0)
     return jnp.sum(w * losses) / total + 0.5 * l2 * l2_norm_sq(params)
 
 
