@@ -37,6 +37,11 @@ CONFIGS = {
                     methods=None),
     "smoke": dict(settings=({**_DIGITS, "epochs": 3},), forgets=(("random", 0.1),),
                   seeds=(0,), methods=None),
+    # For users who have prepared the TFDS sets (`tfds build mnist` etc.); not run in CI.
+    **{f"tfds_{n}": dict(settings=({**_MNIST1D, "dataset": n, "epochs": 5,
+                                    "model_kwargs": {"features": (32, 64), "dense": 128}},),
+                         forgets=_FORGETS, seeds=(0,), methods=None)
+       for n in ("mnist", "fashion_mnist", "cifar10")},
 }
 SHOW = ("retain_acc", "forget_acc", "test_acc", "mia_auc", "mia_kit_auc", "avg_gap", "time")
 

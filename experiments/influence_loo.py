@@ -32,6 +32,9 @@ CONFIGS = {
     # Needs `tfds build mnist` once; p = 7850, so the exact Hessian takes ~1 min.
     "tfds_mnist": dict(dataset="mnist", l2=1e-3, test_points=2, top=30,
                        solvers=("exact", "cg"), seed=0, load_kwargs={"max_examples": 20000}),
+    "tfds_fashion_mnist": dict(dataset="fashion_mnist", l2=1e-3, test_points=2, top=30,
+                               solvers=("exact", "cg"), seed=0,
+                               load_kwargs={"max_examples": 20000}),
 }
 
 

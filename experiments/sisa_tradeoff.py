@@ -35,6 +35,11 @@ CONFIGS = {
     # about a minute to compile on 2 CPU cores.
     "smoke": dict(dataset="digits", hidden=32, shards=(1, 4), slices=(2,), epochs=3,
                   lr=3e-3, batch_size=32, requests=2, hockey_epochs=0, hockey_size=8, seed=0),
+    # For users who have prepared the TFDS sets (`tfds build mnist` etc.); not run in CI.
+    **{f"tfds_{n}": dict(dataset=n, hidden=256, shards=(1, 2, 4, 8, 16), slices=(1, 2, 4),
+                         epochs=10, lr=1e-3, batch_size=128, requests=8, hockey_epochs=12,
+                         hockey_size=16, seed=0)
+       for n in ("mnist", "fashion_mnist", "cifar10")},
 }
 FORGET_NAMES = ("Away_image03.png", "Home_image07.png", "Third_image11.png")
 

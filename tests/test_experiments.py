@@ -29,3 +29,14 @@ def test_plot_only_needs_json(tmp_path):
 def test_reproduce_smoke(tmp_path):
     reproduce.main(["--smoke", "--out", str(tmp_path), "--only", "forget_basic"])
     assert (tmp_path / "data" / "forget_basic-smoke.json").exists()
+
+
+def test_tfds_config_runs_on_mocked_mnist(tmp_path):
+    """A TFDS variant runs end to end offline, on TFDS's own mock data."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=200, policy=tfds.testing.MockPolicy.USE_CODE):
+        path = runner.run_experiment(forget_basic, config="tfds_mnist", out=tmp_path,
+                                     epochs=1, fraction=0.05)
+    res = json.loads(path.read_text())
+    assert res["config"]["dataset"] == "mnist"
+    assert set(res["results"]["summary"]) == {"retrain", "finetune"}
