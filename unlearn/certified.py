@@ -62,13 +62,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.flatten_util import ravel_pytree
 
 from unlearn import influence
 from unlearn.methods.base import Unlearner, next_weights, params_result
 from unlearn.methods.newton import check_convex
-from unlearn.train import Fit, Problem, cast, init_params, objective
+from unlearn.train import Fit, Problem, cast, init_params, lbfgs_loop, objective
 
 Params = Any
 
@@ -105,22 +104,7 @@ def perturbed_objective(apply, params: Params, x, y, w, l2: float, b) -> jax.Arr
 @functools.partial(jax.jit, static_argnames=("apply", "max_iter"))
 def _lbfgs_perturbed(apply, params, x, y, w, l2, b, tol, max_iter):
     fun = lambda p: perturbed_objective(apply, p, x, y, w, l2, b)  # noqa: E731
-    opt = optax.lbfgs()
-    vg = optax.value_and_grad_from_state(fun)
-
-    def cond(c):
-        return (c[2] < max_iter) & (c[3] > tol)
-
-    def body(c):
-        p, s, it, _ = c
-        value, g = vg(p, state=s)
-        updates, s = opt.update(g, s, p, value=value, grad=g, value_fn=fun)
-        p = optax.apply_updates(p, updates)
-        return p, s, it + 1, optax.tree.norm(jax.grad(fun)(p))
-
-    g0 = optax.tree.norm(jax.grad(fun)(params))
-    p, _, it, gnorm = jax.lax.while_loop(cond, body, (params, opt.init(params), 0, g0))
-    return p, it, gnorm
+    return lbfgs_loop(fun, params, tol, max_iter)
 
 
 def fit_perturbed(problem: Problem, b: jax.Array, *, weights: np.ndarray | None = None,

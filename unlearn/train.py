@@ -277,9 +277,12 @@ def fit_sgd(model: Model, data: Dataset, cfg: TrainConfig, key, params, w) -> Fi
                         "final_loss": losses[-1] if losses else float("nan")})
 
 
-@functools.partial(jax.jit, static_argnames=("apply", "max_iter"))
-def _lbfgs_run(apply, params, x, y, w, l2, tol, max_iter):
-    fun = lambda p: objective(apply, p, x, y, w, l2)  # noqa: E731
+def lbfgs_loop(fun, params, tol, max_iter: int):
+    """Minimise ``fun(params)`` with optax L-BFGS (zoom line search) in one ``while_loop``
+    until ‖∇fun‖ ≤ ``tol`` or ``max_iter`` steps; returns (params, steps, grad norm).
+
+    Call it inside a jitted function whose arguments carry the data that ``fun`` closes over.
+    """
     opt = optax.lbfgs()
     vg = optax.value_and_grad_from_state(fun)
 
@@ -294,9 +297,15 @@ def _lbfgs_run(apply, params, x, y, w, l2, tol, max_iter):
         p = optax.apply_updates(p, updates)
         return p, s, it + 1, optax.tree.norm(jax.grad(fun)(p))
 
-    s0 = opt.init(params)
     g0 = optax.tree.norm(jax.grad(fun)(params))
-    p, _, it, gnorm = jax.lax.while_loop(cond, body, (params, s0, 0, g0))
+    p, _, it, gnorm = jax.lax.while_loop(cond, body, (params, opt.init(params), 0, g0))
+    return p, it, gnorm
+
+
+@functools.partial(jax.jit, static_argnames=("apply", "max_iter"))
+def _lbfgs_run(apply, params, x, y, w, l2, tol, max_iter):
+    fun = lambda p: objective(apply, p, x, y, w, l2)  # noqa: E731
+    p, it, gnorm = lbfgs_loop(fun, params, tol, max_iter)
     return p, it, gnorm, fun(p)
 
 
