@@ -23,23 +23,35 @@ and :math:`H_D = \nabla^2 L(\theta^*; D)`, the mean normalisation gives
 
     H_r = \frac{n (H_D - \lambda I) - G_U}{n - k} + \lambda I
     \quad\Longleftrightarrow\quad
-    \tfrac{n-k}{n}\,(H_r + \lambda_d I) = \underbrace{A - V V^\top / n}_{B} - \delta I,
+    \tfrac{n-k}{n}\,(H_r + \lambda_d I) = A - \delta I - V V^\top / n,
 
-where :math:`A = H_D + \lambda_d I` (factored once, :math:`A = LL^\top`), :math:`\lambda_d` the
-damping, :math:`\delta = k(\lambda + \lambda_d)/n`, and :math:`G_U = VV^\top`. For softmax
-regression :math:`\nabla^2\ell_i = J_i^\top(\operatorname{diag}p_i - p_ip_i^\top)J_i` with
-:math:`J_i` the (constant) Jacobian of the logits, and
-:math:`\operatorname{diag}p - pp^\top = C C^\top` with :math:`C = \operatorname{diag}\sqrt p -
-p\sqrt p^\top` (uses :math:`\sum_k p_k = 1`), so :math:`V_i = J_i^\top C_i` has :math:`K` columns
-(rank :math:`\le K-1`), computed by ``vjp``. :math:`B^{-1}` is the Woodbury identity
-:math:`A^{-1} + A^{-1}V(nI - V^\top A^{-1}V)^{-1}V^\top A^{-1}` — products with the cached
-:math:`A^{-1}` (formed once from :math:`L`) plus a :math:`kK\times kK` Cholesky. The
-remaining diagonal shift :math:`\delta I` is not low rank; it is removed exactly by the
-fixed-point iteration
-:math:`x \leftarrow B^{-1}(s g + \delta x)` (:math:`s = (n-k)/n`), which contracts with rate
-:math:`\delta/\lambda_{\min}(B) \le k/n` (because :math:`B \succeq (\lambda+\lambda_d)I`), i.e.
-a handful of extra matrix-vector products. A request therefore costs one gradient and
-:math:`O(p^2 kK)` work instead of an :math:`O(p^3)` factorisation.
+where :math:`A = H_D + \lambda_d I`, :math:`\lambda_d` the damping,
+:math:`\delta = k(\lambda + \lambda_d)/n` (removing points re-weights the regulariser against
+the data term) and :math:`G_U = VV^\top`. For softmax regression
+:math:`\nabla^2\ell_i = J_i^\top(\operatorname{diag}p_i - p_ip_i^\top)J_i` with :math:`J_i`
+the (constant) Jacobian of the logits, and :math:`\operatorname{diag}p - pp^\top = C C^\top`
+with :math:`C = \operatorname{diag}\sqrt p - p\sqrt p^\top` (uses :math:`\sum_k p_k = 1`), so
+:math:`V_i = J_i^\top C_i` has :math:`K` columns (rank :math:`\le K-1`).
+
+``prepare`` caches the *eigendecomposition* :math:`A = Q\Lambda Q^\top` (once,
+:math:`O(p^3)`). A Cholesky factor would absorb the low-rank term but not the shift
+:math:`\delta I`, which is not low rank; in the eigenbasis the shift is exact:
+:math:`(A - \delta I)^{-1} = Q(\Lambda-\delta)^{-1}Q^\top`, and with :math:`Z = Q^\top V`
+the Woodbury identity gives
+
+.. math::
+
+    x = Q\,\hat y,\qquad
+    \hat y = s\,\big[D\hat g + DZ\,(nI - Z^\top D Z)^{-1} Z^\top D\hat g\big],\qquad
+    D = (\Lambda - \delta I)^{-1},\ \hat g = Q^\top g,\ s = \tfrac{n-k}{n}.
+
+:math:`Z = (J_U Q)^\top C` is computed without forming :math:`V`: the logits' linear map
+applied to every eigenvector (``jax.linearize`` + ``vmap``), :math:`O(p^2 k)` flops in one pass
+over :math:`Q`. The gradient is downdated too: :math:`\sum_{i\in D\setminus U}\nabla\ell_i =
+\sum_{i\in D}\nabla\ell_i - \sum_{i\in U}\nabla\ell_i`, with the full sum cached at
+:math:`\theta^*` (not assumed zero). A request from :math:`\theta^*` therefore costs
+:math:`k` example gradients, three passes over :math:`Q` and a :math:`kK\times kK` Cholesky,
+instead of a full gradient and an :math:`O(p^3)` factorisation (``benchmarks/newton.py``).
 
 **Influence functions** (Koh & Liang 2017, "Understanding Black-box Predictions via Influence
 Functions", ICML, eq. (2)):
@@ -87,7 +99,9 @@ __all__ = [
     "full_hessian",
     "newton_factor",
     "removed_curvature_factor",
+    "projected_removed_curvature",
     "woodbury_solve",
+    "downdated_gradient",
     "retained_gradient",
     "newton_step",
     "influence_up_loss",
@@ -117,46 +131,71 @@ def full_hessian(apply: Apply, params: Params, x: Array, y: Array, w: Array,
 
 
 class NewtonFactor(NamedTuple):
-    r"""Cholesky factor :math:`L` and explicit inverse of :math:`A = H_D + \lambda_d I` at the
-    anchor params.
+    r"""Eigendecomposition :math:`A = Q\Lambda Q^\top` of :math:`A = H_D + \lambda_d I` at the
+    anchor params, and the summed example gradients there.
 
-    ``inv`` = :math:`A^{-1}` (formed once from :math:`L`) turns every per-request solve into
-    matrix-vector products: on XLA's CPU backend a triangular solve of one vector is ~30× slower
-    than a matvec of the same size. ``n`` is :math:`\sum w` at factor time; ``l2`` and
-    ``damping`` are :math:`\lambda` and :math:`\lambda_d`.
+    ``evals`` (ascending, all :math:`>0`) and ``evecs`` :math:`= Q` (one eigenvector per
+    column). On XLA's CPU backend a product with a transposed operand copies it first (at
+    p = 7850 in float64, 0.24 s instead of 0.016 s for a matrix-vector product), so every
+    per-request product is arranged as ``v @ Q`` or ``Q @ v``. ``grad_sum`` is
+    :math:`\sum_i w_i\nabla\ell_i(\theta^*)` over the factor's data, so the retained gradient
+    at the anchor costs only the removed points' gradients. ``n`` is :math:`\sum w` at factor
+    time; ``l2`` and ``damping`` are :math:`\lambda` and :math:`\lambda_d`.
     """
 
-    chol: Array
-    inv: Array
+    evals: Array
+    evecs: Array
+    grad_sum: Array
     n: float
     l2: float
     damping: float
 
 
 @jax.jit
-def _inverse_from_cholesky(chol: Array) -> Array:
-    eye = jnp.eye(chol.shape[0], dtype=chol.dtype)
-    inv = jax.scipy.linalg.cho_solve((chol, True), eye)
-    return 0.5 * (inv + inv.T)
+def _eigh(h: Array, damping: Array) -> tuple[Array, Array]:
+    a = 0.5 * (h + h.T) + damping * jnp.eye(h.shape[0], dtype=h.dtype)
+    return jnp.linalg.eigh(a)
 
 
 def newton_factor(apply: Apply, params: Params, x: Array, y: Array, w: Array, l2: float,
                   damping: float = 0.0) -> NewtonFactor:
-    r"""Factor :math:`H_D + \lambda_d I = LL^\top` once (``solvers.cholesky_factor``) and form
-    its inverse.
+    r"""Eigendecompose :math:`H_D + \lambda_d I` once and sum the example gradients at
+    ``params``.
 
-    Raises ``ValueError`` (from the solver) with a suggested ``damping=`` if not PD.
+    Raises ``ValueError`` naming the most negative eigenvalue and a sufficient ``damping=`` if
+    :math:`H_D + \lambda_d I` is not positive definite.
     """
     h = full_hessian(apply, params, x, y, w, l2)
-    fac = solvers.cholesky_factor(h, damping)
+    evals, evecs = _eigh(h, jnp.asarray(damping, h.dtype))
+    dtype = h.dtype
     del h
-    return NewtonFactor(fac.factor, _inverse_from_cholesky(fac.factor),
-                        float(np.sum(np.asarray(w))), float(l2), float(damping))
+    lo, hi = float(evals[0]), float(evals[-1])
+    # Singular to working precision counts as not PD: the solve would amplify rounding errors.
+    if not np.isfinite(lo) or lo <= evals.shape[0] * float(jnp.finfo(dtype).eps) * abs(hi):
+        need = max(damping - lo, 0.0)
+        raise ValueError(
+            f"The Hessian plus damping={damping:g} is not positive definite (smallest "
+            f"eigenvalue {lo:.4e}, so the Hessian's is {lo - damping:.4e}). Newton removal "
+            f"needs a strictly convex objective: pass damping= larger than {need:.3e} "
+            f"(e.g. damping={1.1 * need + 1e-8:.3e}) or increase the L2 coefficient.")
+    n = float(np.sum(np.asarray(w)))
+    theta, _ = ravel_pytree(params)
+    g = curvature.flat_grad(apply, params, x, y, w, l2)
+    grad_sum = max(n, 1.0) * (g - l2 * theta)  # Σ w_i ∇ℓ_i (the objective's normaliser)
+    return NewtonFactor(evals, evecs, grad_sum, n, float(l2), float(damping))
 
 
 # --------------------------------------------------------------------------------------------
 # Low-rank factor of the removed points' curvature
 # --------------------------------------------------------------------------------------------
+
+
+def _curvature_root(logits: Array, dtype) -> Array:
+    r""":math:`C = \operatorname{diag}\sqrt p - p\sqrt p^\top` per row, :math:`CC^\top =
+    \operatorname{diag}p - pp^\top`; shape ``(m, K, K)``."""
+    p = jax.nn.softmax(logits.astype(dtype), axis=-1)
+    sp = jnp.sqrt(p)
+    return jax.vmap(jnp.diag)(sp) - p[:, :, None] * sp[:, None, :]
 
 
 @functools.partial(jax.jit, static_argnames=("apply",))
@@ -166,91 +205,102 @@ def removed_curvature_factor(apply: Apply, params: Params, x: Array) -> Array:
 
     That is the Gauss–Newton matrix of the cross-entropy summed over the given examples, which
     equals :math:`\sum_i\nabla^2\ell_i` exactly when the logits are linear in :math:`\theta`
-    (softmax regression). :math:`V_i = J_i^\top C_i`, :math:`C_i = \operatorname{diag}\sqrt{p_i}
-    - p_i\sqrt{p_i}^\top`, each column a ``vjp`` of the logits.
+    (softmax regression). :math:`V_i = J_i^\top C_i`, each column a ``vjp`` of the logits.
     """
     theta, unravel = ravel_pytree(params)
 
     def one(xi: Array) -> Array:
         f = lambda t: apply(unravel(t), xi[None])[0]  # noqa: E731
         logits, vjp = jax.vjp(f, theta)
-        p = jax.nn.softmax(logits.astype(theta.dtype))
-        sp = jnp.sqrt(p)
-        c = jnp.diag(sp) - p[:, None] * sp[None, :]  # (K, K), C C^T = diag p - p p^T
+        c = _curvature_root(logits[None], theta.dtype)[0]  # (K, K)
         return jax.vmap(lambda col: vjp(col.astype(logits.dtype))[0])(c.T)  # (K, p)
 
     v = jax.vmap(one)(x)  # (m, K, p)
     return v.reshape(-1, theta.size).T
 
 
+@functools.partial(jax.jit, static_argnames=("apply",))
+def projected_removed_curvature(apply: Apply, params: Params, x: Array, evecs: Array) -> Array:
+    r""":math:`Z = Q^\top V`, shape ``(p, m K)``, for :math:`V` =
+    :func:`removed_curvature_factor` of the rows of ``x`` and ``evecs`` :math:`= Q`.
+
+    For softmax regression (one ``(d, K)`` kernel and one ``(K,)`` bias, as in
+    ``curvature.softmax_regression_hessian``) the logits are :math:`\tilde x^\top\tilde W`, so
+    :math:`J_UQ` is one plain product :math:`\tilde X_U\,Q_{(d+1)\times Kp}` of the removed
+    inputs with :math:`Q` viewed as ``(d+1, K p)`` — :math:`O(p^2 m)` flops in one pass over
+    :math:`Q`, then :math:`Z = (J_UQ)^\top C`. Other models: :math:`(V^\top Q)^\top`,
+    :math:`O(p^2 mK)`.
+    """
+    theta, _ = ravel_pytree(params)
+    evecs = evecs.astype(theta.dtype)
+    leaves = jax.tree.leaves(params)
+    if len(leaves) == 2 and sorted(np.ndim(a) for a in leaves) == [1, 2]:
+        kernel, bias, bias_first = curvature._dense_leaves(params)
+        m, k = x.shape[0], bias.shape[0]
+        xf = x.reshape(m, -1).astype(theta.dtype)
+        ones = jnp.ones((m, 1), theta.dtype)
+        xt = jnp.concatenate([ones, xf] if bias_first else [xf, ones], axis=1)  # (m, d+1)
+        jq = (xt @ evecs.reshape(xt.shape[1], -1)).reshape(m, k, -1)  # [i, c, j] = (J_i q_j)_c
+        c = _curvature_root(xf @ kernel + bias, theta.dtype)  # (m, K, K)
+        z = jnp.einsum("icj,ice->jie", jq, c)
+        return z.reshape(theta.size, -1)
+    v = removed_curvature_factor(apply, params, x)
+    return (v.T @ evecs).T
+
+
 # --------------------------------------------------------------------------------------------
-# Woodbury downdate with exact diagonal-shift correction
+# Woodbury downdate in the eigenbasis
 # --------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("maxiter",))
-def _woodbury_core(chol: Array, inv: Array, v: Array, n: Array, k: Array, lam: Array, g: Array,
-                   tol: Array, maxiter: int):
-    r = v.shape[1]
-    wv = inv @ v  # A^{-1} V
-    cap = n * jnp.eye(r, dtype=chol.dtype) - v.T @ wv
-    lc = jnp.linalg.cholesky(0.5 * (cap + cap.T))
-
-    def b_inv(rhs: Array) -> Array:  # (A - V V^T / n)^{-1} rhs, Woodbury
-        return inv @ rhs + wv @ jax.scipy.linalg.cho_solve((lc, True), wv.T @ rhs)
-
-    def b_mv(u: Array) -> Array:  # (A - V V^T / n) u
-        return chol @ (chol.T @ u) - v @ (v.T @ u) / n
-
+@jax.jit
+def _eig_woodbury(evals: Array, evecs: Array, z: Array, n: Array, k: Array, lam: Array,
+                  g: Array):
     s = (n - k) / n
-    delta = k * lam / n
-    x0 = b_inv(s * g)
-
-    def cond(c):
-        _, dx, it = c
-        return (it < maxiter) & (dx > 0)
-
-    def body(c):
-        x, _, it = c
-        xn = b_inv(s * g + delta * x)
-        dx = jnp.linalg.norm(xn - x)
-        dx = jnp.where(dx <= tol * jnp.linalg.norm(xn), 0.0, dx)
-        return xn, dx, it + 1
-
-    x, _, it = jax.lax.while_loop(cond, body, (x0, jnp.asarray(1.0, g.dtype), 0))
-    # (H_r + damping) x = (B x - delta x) / s ; true relative residual against g.
-    hx = (b_mv(x) - delta * x) / s
-    res = jnp.linalg.norm(hx - g) / jnp.maximum(jnp.linalg.norm(g), jnp.finfo(g.dtype).tiny)
+    lam_d = evals - k * lam / n  # Λ - δ, > 0 because Λ ≥ λ + λ_d > δ
+    d = 1.0 / lam_d
+    gh = s * (g @ evecs)  # s Q^T g
+    dz = d[:, None] * z
+    cap = n * jnp.eye(z.shape[1], dtype=z.dtype) - z.T @ dz
+    lc = jnp.linalg.cholesky(0.5 * (cap + cap.T))
+    dg = d * gh
+    yh = dg + dz @ jax.scipy.linalg.cho_solve((lc, True), z.T @ dg)
+    # Residual of (Λ - δ - Z Z^T / n) ŷ = s Q^T g in the eigenbasis (Q is orthogonal).
+    r = lam_d * yh - z @ (z.T @ yh) / n - gh
+    res = jnp.linalg.norm(r) / jnp.maximum(jnp.linalg.norm(gh), jnp.finfo(g.dtype).tiny)
+    x = evecs @ yh  # Q ŷ
     finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(lc))
-    return x, it, res, finite
+    return x, res, finite
 
 
-def woodbury_solve(factor: NewtonFactor, v: Array, k: int, g: Array, *, tol: float | None = None,
-                   maxiter: int = 200) -> solvers.SolveResult:
-    r"""Solve :math:`(H_r + \lambda_d I)x = g` from the cached factor of :math:`H_D+\lambda_dI`.
+def woodbury_solve(factor: NewtonFactor, v: Array, k: int, g: Array, *,
+                   projected: bool = False) -> solvers.SolveResult:
+    r"""Solve :math:`(H_r + \lambda_d I)x = g` from the cached eigendecomposition of
+    :math:`H_D+\lambda_dI`, exactly (no iteration).
 
     ``v`` is :func:`removed_curvature_factor` of the ``k`` removed examples (at the anchor
-    params). See the module docstring for the algebra; ``iterations`` counts the shift
-    corrections (rate :math:`\le k/n`), ``residual`` is
-    :math:`\lVert(H_r+\lambda_dI)x - g\rVert/\lVert g\rVert` with :math:`H_r` reconstructed from
-    the factor.
+    params), or with ``projected=True`` already :math:`Q^\top V`
+    (:func:`projected_removed_curvature`). See the module docstring for the algebra;
+    ``residual`` is :math:`\lVert(H_r+\lambda_dI)x - g\rVert/\lVert g\rVert` with :math:`H_r`
+    assembled from the factor (in the eigenbasis, :math:`O(p\,kK)`).
     """
     g = jnp.asarray(g)
     if not 0 <= k < factor.n:
         raise ValueError(f"k={k} removed examples must be in [0, n={factor.n:g}).")
     dtype = g.dtype
-    tol = (1e-13 if dtype == jnp.float64 else 1e-6) if tol is None else tol
-    x, it, res, finite = _woodbury_core(
-        factor.chol, factor.inv, jnp.asarray(v, dtype), jnp.asarray(factor.n, dtype),
-        jnp.asarray(k, dtype),
-        jnp.asarray(factor.l2 + factor.damping, dtype), g, jnp.asarray(tol, dtype), maxiter)
+    v = jnp.asarray(v, dtype)
+    evecs = factor.evecs.astype(dtype)
+    z = v if projected else (v.T @ evecs).T
+    x, res, finite = _eig_woodbury(
+        factor.evals.astype(dtype), evecs, z,
+        jnp.asarray(factor.n, dtype), jnp.asarray(k, dtype),
+        jnp.asarray(factor.l2 + factor.damping, dtype), g)
     if not bool(finite):
         raise ValueError(
             "Woodbury downdate failed: the retained Hessian is not positive definite at the "
             "anchor params (capacitance matrix not PD). Pass damping > 0 or refactor.")
     ftol = 1e-8 if dtype == jnp.float64 else 1e-3
-    conv = bool(res <= ftol) and int(it) < maxiter
-    return solvers.SolveResult(x, it, res, jnp.asarray(conv), "woodbury")
+    return solvers.SolveResult(x, jnp.asarray(0), res, jnp.asarray(res <= ftol), "woodbury")
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,6 +312,20 @@ def retained_gradient(apply: Apply, params: Params, x: Array, y: Array, w: Array
                       l2: float) -> Array:
     r""":math:`\nabla L(\theta; w)` as a flat vector (``curvature.flat_grad``)."""
     return curvature.flat_grad(apply, params, x, y, w, l2)
+
+
+@functools.partial(jax.jit, static_argnames=("apply",))
+def downdated_gradient(apply: Apply, anchor: Params, grad_sum: Array, removed_x: Array,
+                       removed_y: Array, removed_w: Array, n_retained: Array, l2: Array
+                       ) -> Array:
+    r""":math:`\nabla L(\theta^*; D\setminus U) = (\sum_D w_i\nabla\ell_i - \sum_U
+    w_i\nabla\ell_i)/\max(n_r, 1) + \lambda\theta^*` from the cached ``grad_sum``
+    (:class:`NewtonFactor`) and the removed examples' gradients only — exact, :math:`O(kp)`.
+    """
+    theta, _ = ravel_pytree(anchor)
+    ge = curvature.per_example_grads(apply, anchor, removed_x, removed_y)  # (k, p)
+    gsum = grad_sum - removed_w.astype(ge.dtype) @ ge
+    return gsum / jnp.maximum(n_retained, 1.0) + l2 * theta
 
 
 def newton_step(
@@ -288,8 +352,9 @@ def newton_step(
     retained objective (weights ``w``).
 
     ``solver``: ``exact`` — with ``factor`` (of the full-data Hessian at ``anchor``) and
-    ``removed_x`` (the examples removed since), a Woodbury-downdated solve with the Hessian at
-    ``anchor``; without a factor, a fresh dense Hessian at ``params`` and a Cholesky solve.
+    ``removed_x`` (the examples removed since), an exact Woodbury-downdated solve with the
+    Hessian at ``anchor`` (:func:`woodbury_solve`); without a factor, a fresh dense Hessian
+    at ``params`` and a Cholesky solve.
     ``cg`` / ``lissa`` — matrix-free on the HVP at ``params`` (``solvers.solve``). ``grad``
     may pass a precomputed gradient.
     """
@@ -299,8 +364,8 @@ def newton_step(
         if factor is not None:
             if anchor is None or removed_x is None:
                 raise ValueError("solver='exact' with a factor needs anchor= and removed_x=.")
-            v = removed_curvature_factor(apply, anchor, removed_x)
-            res = woodbury_solve(factor, v, int(removed_x.shape[0]), g, tol=tol)
+            z = projected_removed_curvature(apply, anchor, removed_x, factor.evecs)
+            res = woodbury_solve(factor, z, int(removed_x.shape[0]), g, projected=True)
             if not bool(res.converged):
                 warnings.warn(f"Woodbury solve: relative residual {float(res.residual):.2e}",
                               RuntimeWarning, stacklevel=2)

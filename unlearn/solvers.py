@@ -216,7 +216,9 @@ class CholeskyFactor(NamedTuple):
 
 
 def _factor_matvec(factor: Array, v: Array) -> Array:
-    return factor @ (factor.T @ v)
+    # L (L^T v); ``factor.T @ v`` with a vector v copies the transposed factor on XLA's CPU
+    # backend (15x slower at p = 7850), the einsum contracts over the first axis in place.
+    return factor @ jnp.einsum("ij,i...->j...", factor, v)
 
 
 @jax.jit

@@ -4,12 +4,13 @@ One batch Newton step on the retained objective removes all ``k`` requested poin
 :math:`\theta^- = \theta - (H_r + \lambda_d I)^{-1}\nabla L(\theta; D\setminus U)`, optionally
 followed by a second step at :math:`\theta^-` (``steps=2``). Solvers (``unlearn.influence``):
 
-* ``exact`` — ``prepare`` factors the full-data Hessian at :math:`\theta^*` once (Cholesky);
-  each request is a Woodbury downdate for the removed points' curvature plus an exact
-  correction of the diagonal shift (see :mod:`unlearn.influence`): one gradient and a few
-  triangular solves. Later requests reuse the factor at :math:`\theta^*` with every point
-  removed so far (curvature at the anchor, gradient at the current params). The second step
-  (``steps=2``) uses a fresh dense Hessian at :math:`\theta^-`.
+* ``exact`` — ``prepare`` eigendecomposes the full-data Hessian at :math:`\theta^*` once and
+  sums the example gradients there; each request is an exact Woodbury downdate for the removed
+  points' curvature and the regulariser's re-weighting (see :mod:`unlearn.influence`): the
+  removed points' gradients and three passes over the eigenvectors. Later requests reuse the
+  factor at :math:`\theta^*` with every point removed so far (curvature at the anchor, a full
+  gradient at the current params). The second step (``steps=2``) uses a fresh dense Hessian
+  at :math:`\theta^-`.
 * ``cg`` — matrix-free conjugate gradients on the HVP at the current params.
 * ``lissa`` — the stochastic Neumann series of Agarwal et al. (2017) on the HVP.
 
@@ -108,11 +109,20 @@ def newton(
         common = dict(damping=damping, tol=tol, maxiter=maxiter, lissa_depth=lissa_depth,
                       lissa_scale=lissa_scale, key=key)
         removed = np.nonzero((state.anchor_weights > 0) & (w == 0))[0]
+        removed_x = state.x[removed]
+        grad = None
+        if state.factor is not None and state.params is state.anchor:
+            # At θ*: the cached Σ_D ∇ℓ_i minus the removed points' gradients (exact, O(kp)).
+            grad = influence.downdated_gradient(
+                apply, state.anchor, state.factor.grad_sum, removed_x, state.y[removed],
+                jnp.asarray(state.anchor_weights[removed], state.x.dtype),
+                jnp.asarray(w.sum(), state.x.dtype), jnp.asarray(l2, state.x.dtype))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             params, res = influence.newton_step(
                 apply, state.params, state.x, state.y, wj, l2, solver=solver,
-                factor=state.factor, removed_x=state.x[removed], anchor=state.anchor, **common)
+                factor=state.factor, removed_x=removed_x, anchor=state.anchor, grad=grad,
+                **common)
             results = [res]
             if steps == 2:
                 params, res2 = influence.newton_step(
