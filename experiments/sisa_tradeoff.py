@@ -9,9 +9,10 @@ serve a stream of random single-point deletion requests and report, per request,
 example-gradients recomputed and the wall time, against full retraining of one model on all
 data (S = R = 1: ``points`` = epochs × n, time measured). Setting 2 (the seed tutorial's
 shape): a synthetic 3-class image folder of jersey-like pictures (``Away_image03.png``, ...),
-a small CNN, 4 shards, 2 slices with 50% overlap (see ``unlearn.sisa`` on what overlap means
-under incremental training), three named images forgotten; exactness is checked against
-training the same plan on the data without them.
+the team's whole folder as training set (tested on a second, held-out folder), a small CNN,
+4 shards, 2 slices with 50% overlap (see ``unlearn.sisa`` on what overlap means under
+incremental training), three named images forgotten by file name; exactness is checked
+against training the same plan on the data without them.
 """
 
 from __future__ import annotations
@@ -121,13 +122,14 @@ def jersey_folder(root: Path, per_class: int = 30, seed: int = 0) -> Path:
 
 def hockey(*, epochs, size, seed) -> dict:
     """4 shards × 2 overlapping slices on the jersey folder; forget three named images."""
+    # The team's folder is the whole training set (so every named image is in it); the test
+    # set is a second folder of the same kinds of pictures, as if from another game.
     with tempfile.TemporaryDirectory() as tmp:
         root = jersey_folder(Path(tmp) / "jerseys", seed=seed)
-        split = data.load(f"folder:{root}", seed=seed, size=(size, size))
-    tr, te = split.train, split.test
-    names = {i.split("/")[-1]: i for i in tr.ids.tolist()}
-    forget_ids = [names[n] if n in names else sorted(names.values())[k]
-                  for k, n in enumerate(FORGET_NAMES)]
+        held_out = jersey_folder(Path(tmp) / "held_out", per_class=10, seed=seed + 1)
+        tr = data.image_folder(str(root), size=(size, size))
+        te = data.image_folder(str(held_out), size=(size, size))
+    forget_ids = sisa.resolve_ids(tr, FORGET_NAMES)  # as `python -m unlearn.sisa forget --ids`
     m = models.cnn(tr.num_classes, features=(8, 16), dense=32)
     cfg = train.TrainConfig(epochs=epochs, lr=3e-3, batch_size=8)
     plan = sisa.Plan(4, 2, overlap=0.5)

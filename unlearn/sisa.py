@@ -113,20 +113,32 @@ class Plan:
 
 
 class Layout(NamedTuple):
-    """The fixed assignment of every original id to a shard and its earliest slice (0-based)."""
+    """The fixed assignment of every original id to a shard and its earliest slice (0-based),
+    with the ids' stable hashes (the data order's only input besides the key)."""
 
     ids: np.ndarray
     shard: np.ndarray
     slice: np.ndarray
+    hashes: np.ndarray
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of the layout holding ``ids``; ids outside the layout are an error."""
+        ids = np.asarray(ids, str)
+        if ids.shape == self.ids.shape and np.array_equal(ids, self.ids):
+            return np.arange(len(ids))  # the layout's own dataset (every request does this)
+        order = np.argsort(self.ids)
+        at = np.minimum(np.searchsorted(self.ids, ids, sorter=order), len(order) - 1)
+        pos = order[at]
+        found = self.ids[pos] == ids
+        if not found.all():
+            raise KeyError(f"ids {ids[~found][:10].tolist()} are not in the SISA layout (the "
+                           "plan was made on another dataset); retrain with `train` to add "
+                           "data.")
+        return pos
 
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard, slice) of each id; ids outside the layout are an error."""
-        index = {k: i for i, k in enumerate(self.ids.tolist())}
-        missing = [i for i in np.asarray(ids, str).tolist() if i not in index]
-        if missing:
-            raise KeyError(f"ids {missing[:10]} are not in the SISA layout (the plan was made on "
-                           "another dataset); retrain with `train` to add data.")
-        pos = np.array([index[i] for i in np.asarray(ids, str).tolist()], np.int64)
+        pos = self.positions(ids)
         return self.shard[pos], self.slice[pos]
 
 
@@ -171,7 +183,7 @@ def make_layout(plan: Plan, ds: Dataset, key: jax.Array) -> Layout:
         ends = np.array([round((1 - o) * length * r + length) for r in range(R)])
         ends[-1] = ns
         sl[rows] = np.searchsorted(ends, np.arange(ns), side="right")
-    return Layout(np.asarray(ds.ids, str), shard, np.minimum(sl, R - 1))
+    return Layout(np.asarray(ds.ids, str), shard, np.minimum(sl, R - 1), h)
 
 
 # ----------------------------------------------------------------------------- state
@@ -387,8 +399,9 @@ def _run_stages(state: SisaState, shards: np.ndarray, start: np.ndarray, x, y):
         k = max(k, ndev) + (-max(k, ndev)) % ndev
     shards = np.concatenate([shards, np.repeat(shards[:1], k - real)])
     start = np.concatenate([start, np.full(k - real, R)])
-    shard_of, slice_of = state.layout.lookup(state.data.ids)
-    parts = (stable_hash(state.data.ids), key_seed(state.key), shard_of, slice_of, state.alive)
+    lay = state.layout
+    pos = lay.positions(state.data.ids)
+    parts = (lay.hashes[pos], key_seed(state.key), lay.shard[pos], lay.slice[pos], state.alive)
     fn = _compiled(model, cfg, state.strategy)
     ckpts = _host(state.ckpts)  # a copy: the input state is never mutated
     r0 = int(start.min())
@@ -783,7 +796,8 @@ def load(root: str | Path) -> tuple[SisaState, int, Dataset]:
     try:
         cfgd = json.loads((root / CONFIG).read_text())
         lay = np.load(root / "layout.npz")
-        layout = Layout(lay["ids"].astype(str), lay["shard"], lay["slice"])
+        ids = lay["ids"].astype(str)
+        layout = Layout(ids, lay["shard"], lay["slice"], stable_hash(ids))
     except (OSError, ValueError) as e:
         raise ModelDirError(f"{root}: {CONFIG} or layout.npz is missing or corrupt ({e}); "
                             "restore them from a backup.") from e
