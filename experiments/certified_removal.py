@@ -9,7 +9,10 @@ L-BFGS. Left: for m removed points (one batch Newton step, ``unlearn.certified``
 residual norm ‖∇L_b(θ⁻; D')‖, the data-dependent bound and the worst-case bound (log y). Right:
 for each ε (δ fixed), σ = c·β/ε is the noise that certifies ``support`` removals without
 retraining, where β is the accumulated data-dependent bound of removing them one at a time;
-test accuracy (mean over noise draws) of the perturbed model vs ε, and the unperturbed accuracy.
+test accuracy (mean over noise draws) of the perturbed model vs ε, and the unperturbed accuracy,
+for several λ: a larger λ shrinks the removal bound (fewer, smaller Newton corrections) and
+so the noise a given ε needs, at the price of a more biased model — the trade-off Guo et al.
+discuss for choosing λ.
 Figure: ``paper_figures/certified_removal.png``.
 """
 
@@ -19,6 +22,7 @@ import math
 import sys
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,9 +31,10 @@ from unlearn import certified, data, metrics, models, plotting, runner, train
 NAME = "certified_removal"
 CONFIGS = {
     "default": dict(l2=1e-3, sigma=1.0, removals=(1, 2, 5, 10, 20, 50, 100), support=20,
-                    epsilons=(0.1, 0.3, 1.0, 3.0, 10.0), delta=1e-4, draws=3, seed=0),
+                    epsilons=(0.1, 0.3, 1.0, 3.0, 10.0), delta=1e-4, draws=3, seed=0,
+                    l2_sweep=(1e-3, 1e-2, 1e-1)),
     "smoke": dict(l2=1e-3, sigma=1.0, removals=(1, 5, 20), support=5,
-                  epsilons=(0.3, 3.0), delta=1e-4, draws=1, seed=0),
+                  epsilons=(0.3, 3.0), delta=1e-4, draws=1, seed=0, l2_sweep=(1e-3, 1e-1)),
 }
 
 
@@ -43,8 +48,37 @@ def _problem(l2, seed):
     return train.Problem(models.logreg(10), tr, cfg, jax.random.key(seed)), te
 
 
-def run(*, l2, sigma, removals, support, epsilons, delta, draws, seed) -> dict:
-    """Residual and bounds vs m; accuracy vs ε."""
+def _accuracy_vs_eps(l2, *, sigma, support, epsilons, delta, draws, seed) -> dict:
+    """β of ``support`` sequential single removals at this λ, then the test accuracy of models
+    trained with the noise σ = c·β/ε that certifies them, for each ε."""
+    problem, te = _problem(l2, seed)
+    trained = train.train(problem)
+    u = certified.certified(epsilon=1e9, delta=delta, sigma=sigma)  # never retrains here
+    st = u.prepare(problem, trained)
+    for i, id_ in enumerate(data.select_forget(problem.train, count=support, seed=seed)):
+        _, st = u.forget(st, [id_], jax.random.key(i))
+    beta = st.beta
+    c = math.sqrt(2 * math.log(1.5 / delta))
+    test_x = jnp.asarray(te.x)
+    base_acc = metrics.accuracy(np.asarray(problem.model.apply(trained.params, test_x)), te.y)
+    p = jax.flatten_util.ravel_pytree(trained.params)[0].size
+    acc = []
+    for eps in epsilons:
+        sig = c * beta / eps
+        accs = []
+        for d in range(draws):
+            b = sig * jax.random.normal(jax.random.key(1000 + d), (p,), jnp.float64)
+            fit = certified.fit_perturbed(problem, b, params=trained.params)
+            accs.append(metrics.accuracy(
+                np.asarray(problem.model.apply(fit.params, test_x)), te.y))
+        acc.append({"epsilon": eps, "sigma": sig, "acc_mean": float(np.mean(accs)),
+                    "acc_std": float(np.std(accs))})
+    return {"l2": l2, "beta_support": beta, "accuracy": acc, "c": c,
+            "unperturbed_acc": base_acc}
+
+
+def run(*, l2, sigma, removals, support, epsilons, delta, draws, seed, l2_sweep) -> dict:
+    """Residual and bounds vs m at ``l2``; accuracy vs ε for each λ of ``l2_sweep``."""
     old = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     try:
@@ -58,27 +92,9 @@ def run(*, l2, sigma, removals, support, epsilons, delta, draws, seed) -> dict:
             res, _ = u.forget(state, ids, jax.random.key(m))
             curve.append({"m": m, **{k: res.stats[k] for k in
                                      ("residual_norm", "data_bound", "worst_bound")}})
-        # β for `support` sequential single removals (the budget they need).
-        st = state
-        for i, id_ in enumerate(data.select_forget(problem.train, count=support, seed=seed)):
-            _, st = u.forget(st, [id_], jax.random.key(i))
-        beta = st.beta
-        c = math.sqrt(2 * math.log(1.5 / delta))
-        base_acc = metrics.accuracy(np.asarray(problem.model.apply(trained.params,
-                                                                   jnp.asarray(te.x))), te.y)
-        acc = []
-        for eps in epsilons:
-            sig = c * beta / eps
-            accs = []
-            for d in range(draws):
-                b = sig * jax.random.normal(jax.random.key(1000 + d), (650,), jnp.float64)
-                fit = certified.fit_perturbed(problem, b, params=trained.params)
-                accs.append(metrics.accuracy(
-                    np.asarray(problem.model.apply(fit.params, jnp.asarray(te.x))), te.y))
-            acc.append({"epsilon": eps, "sigma": sig, "acc_mean": float(np.mean(accs)),
-                        "acc_std": float(np.std(accs))})
-        return {"curve": curve, "beta_support": beta, "accuracy": acc, "c": c,
-                "unperturbed_acc": base_acc}
+        sweep = [_accuracy_vs_eps(lam, sigma=sigma, support=support, epsilons=epsilons,
+                                  delta=delta, draws=draws, seed=seed) for lam in l2_sweep]
+        return {"curve": curve, "accuracy_by_l2": sweep}
     finally:
         jax.config.update("jax_enable_x64", old)
 
@@ -87,7 +103,7 @@ def plot(payload: dict, outdir) -> list:
     """Left: residual and bounds vs m (log y). Right: test accuracy vs ε (log x)."""
     res, cfg = payload["results"], payload["config"]
     with plotting.style() as plt:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
         m = [r["m"] for r in res["curve"]]
         for key, label, ls in (("worst_bound", "worst-case bound", ":"),
                                ("data_bound", "data-dependent bound", "--"),
@@ -98,16 +114,20 @@ def plot(payload: dict, outdir) -> list:
         a1.set_xlabel("points removed (one batch Newton step)")
         a1.set_ylabel("‖∇L(θ⁻; D')‖")
         a1.legend()
-        eps = [r["epsilon"] for r in res["accuracy"]]
-        a2.errorbar(eps, [r["acc_mean"] for r in res["accuracy"]],
-                    yerr=[r["acc_std"] for r in res["accuracy"]], marker="o", ms=3,
-                    color=plotting.method_style("certified")["color"], label="certified")
-        a2.axhline(res["unperturbed_acc"], color="grey", ls="--", lw=0.8, label="no noise")
+        for i, sw in enumerate(res["accuracy_by_l2"]):
+            eps = [r["epsilon"] for r in sw["accuracy"]]
+            line = a2.errorbar(eps, [r["acc_mean"] for r in sw["accuracy"]],
+                               yerr=[r["acc_std"] for r in sw["accuracy"]], marker="o", ms=3,
+                               color=f"C{i}", label=f"λ={sw['l2']:g}")
+            a2.axhline(sw["unperturbed_acc"], color=line[0].get_color(), ls="--", lw=0.8)
+        a2.plot([], [], color="grey", ls="--", lw=0.8, label="no noise")
         a2.set_xscale("log")
         a2.set_xlabel(f"ε (δ={cfg['delta']:g}, {cfg['support']} removals supported)")
         a2.set_ylabel("test accuracy")
-        a2.legend()
-        fig.suptitle(f"Certified removal, digits softmax regression, λ={cfg['l2']:g}")
+        a2.set_title("accuracy of the noisy model vs ε", fontsize=9)
+        a2.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+        a1.set_title(f"residual and bounds at λ={cfg['l2']:g}", fontsize=9)
+        fig.suptitle("Certified removal, digits softmax regression (unit-norm rows)")
         return plotting.savefig(fig, f"{outdir}/{NAME}.png")
 
 
