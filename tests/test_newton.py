@@ -78,7 +78,7 @@ def test_newton_distance_to_retrain(digits64, k, solver):
     assert d[2] < d[1]
 
 
-@pytest.mark.parametrize("k", [1, 7, 40])
+@pytest.mark.parametrize("k", [1, 7, 40, 70])  # 70 × K = 700 ≥ p = 650: the direct branch
 def test_woodbury_equals_dense_solve(digits64, k):
     problem, trained, _ = digits64
     apply, tr = problem.model.apply, problem.train

@@ -50,8 +50,10 @@ applied to every eigenvector (``jax.linearize`` + ``vmap``), :math:`O(p^2 k)` fl
 over :math:`Q`. The gradient is downdated too: :math:`\sum_{i\in D\setminus U}\nabla\ell_i =
 \sum_{i\in D}\nabla\ell_i - \sum_{i\in U}\nabla\ell_i`, with the full sum cached at
 :math:`\theta^*` (not assumed zero). A request from :math:`\theta^*` therefore costs
-:math:`k` example gradients, three passes over :math:`Q` and a :math:`kK\times kK` Cholesky,
-instead of a full gradient and an :math:`O(p^3)` factorisation (``benchmarks/newton.py``).
+:math:`k` example gradients, three passes over :math:`Q` and a Cholesky of size
+:math:`\min(kK, p)` (for :math:`kK \ge p` the downdated matrix in the eigenbasis is factored
+directly), instead of a full gradient, a fresh Hessian and its factorisation
+(``benchmarks/newton.py``).
 
 **Influence functions** (Koh & Liang 2017, "Understanding Black-box Predictions via Influence
 Functions", ICML, eq. (2)):
@@ -260,11 +262,16 @@ def _eig_woodbury(evals: Array, evecs: Array, z: Array, n: Array, k: Array, lam:
     lam_d = evals - k * lam / n  # Λ - δ, > 0 because Λ ≥ λ + λ_d > δ
     d = 1.0 / lam_d
     gh = s * (g @ evecs)  # s Q^T g
-    dz = d[:, None] * z
-    cap = n * jnp.eye(z.shape[1], dtype=z.dtype) - z.T @ dz
-    lc = jnp.linalg.cholesky(0.5 * (cap + cap.T))
-    dg = d * gh
-    yh = dg + dz @ jax.scipy.linalg.cho_solve((lc, True), z.T @ dg)
+    if z.shape[1] < z.shape[0]:  # Woodbury: a (kK × kK) capacitance
+        dz = d[:, None] * z
+        cap = n * jnp.eye(z.shape[1], dtype=z.dtype) - z.T @ dz
+        lc = jnp.linalg.cholesky(0.5 * (cap + cap.T))
+        dg = d * gh
+        yh = dg + dz @ jax.scipy.linalg.cho_solve((lc, True), z.T @ dg)
+    else:  # kK ≥ p: the (p × p) downdated matrix itself is the smaller system
+        m = jnp.diag(lam_d) - z @ z.T / n
+        lc = jnp.linalg.cholesky(0.5 * (m + m.T))
+        yh = jax.scipy.linalg.cho_solve((lc, True), gh)
     # Residual of (Λ - δ - Z Z^T / n) ŷ = s Q^T g in the eigenbasis (Q is orthogonal).
     r = lam_d * yh - z @ (z.T @ yh) / n - gh
     res = jnp.linalg.norm(r) / jnp.maximum(jnp.linalg.norm(gh), jnp.finfo(g.dtype).tiny)
