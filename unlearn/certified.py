@@ -107,12 +107,18 @@ def _lbfgs_perturbed(apply, params, x, y, w, l2, b, tol, max_iter):
     return lbfgs_loop(fun, params, tol, max_iter)
 
 
+def _default_tol(dtype: str) -> float:
+    return 1e-10 if jnp.dtype(dtype) == jnp.float64 else 1e-5
+
+
 def fit_perturbed(problem: Problem, b: jax.Array, *, weights: np.ndarray | None = None,
-                  params: Params | None = None, tol: float = 1e-10,
+                  params: Params | None = None, tol: float | None = None,
                   max_iter: int = 5000) -> Fit:
     r"""Minimise :math:`L(\theta; w) + b^\top\theta/\sum w` with full-batch L-BFGS until the
-    mean-form gradient norm is :math:`\le` ``tol`` (float64 recommended)."""
+    mean-form gradient norm is :math:`\le` ``tol`` (default 1e-10 in float64, the recommended
+    precision, 1e-5 in float32). The remaining gradient counts against the budget."""
     dtype = problem.cfg.dtype
+    tol = _default_tol(dtype) if tol is None else tol
     tr = problem.train
     w = np.ones(len(tr)) if weights is None else np.asarray(weights)
     if params is None:
@@ -182,7 +188,8 @@ def _draw_b(key, params, sigma, dtype):
 
 
 def certified(epsilon: float = 1.0, delta: float = 1e-4, sigma: float = 1.0,
-              bound: str = "data", tol: float = 1e-10, max_iter: int = 5000) -> Unlearner:
+              bound: str = "data", tol: float | None = None, max_iter: int = 5000
+              ) -> Unlearner:
     r"""A stateful :math:`(\epsilon,\delta)`-certified removal ``Unlearner`` (Guo et al. 2020).
 
     ``prepare`` trains with loss perturbation (noise from ``problem.key``; warm start from

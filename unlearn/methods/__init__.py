@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from unlearn.methods.base import ParamState, Result, Unlearner
+from unlearn.methods.certified import certified
 from unlearn.methods.finetune import finetune
 from unlearn.methods.fisher import fisher
 from unlearn.methods.l1_sparse import l1_sparse
@@ -44,6 +45,8 @@ REGISTRY: dict[str, Entry] = {
     "l1_sparse": Entry(l1_sparse, description="l1-sparse fine-tune (Jia et al. 2023)"),
     "salun": Entry(salun, description="saliency-masked random labels (Fan et al. 2024)"),
     "newton": Entry(newton, convex_only=True, description="batch Newton removal (Guo et al. 2020)"),
+    "certified": Entry(certified, convex_only=True,
+                       description="(ε, δ)-certified removal (Guo et al. 2020)"),
 }
 
 
