@@ -114,7 +114,7 @@ def test_softmax_closed_form_matches_jax_hessian():
     # ravel_pytree order for flax Dense: bias (K,) first, then kernel (d, K) row-major.
     assert theta[:3].tolist() == params["params"]["bias"].tolist()
     ref = _dense_hessian(apply, params, x, y, w, 1e-3)
-    for chunk, blocks in [(1024, None), (7, 3)]:
+    for chunk, blocks in [(1024, None), (7, 3), (5, 8)]:
         h = C.softmax_regression_hessian(params, x, w, 1e-3, chunk_size=chunk, blocks=blocks)
         assert h.shape == (33, 33)
         np.testing.assert_allclose(h, ref, rtol=1e-12, atol=1e-14)

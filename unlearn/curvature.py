@@ -288,7 +288,9 @@ def softmax_regression_hessian(
     diag_pair = (ku == lu).astype(np.float64)
 
     if blocks is None:
-        blocks = 1 if dd < 512 else 3
+        # Measured at d+1 = 785 (2 CPU cores, n = 12000): 3 blocks 3.7 s, 6 blocks 2.9 s,
+        # 8 blocks 2.6 s, 13 blocks 3.6 s (~100-wide blocks balance flops and GEMM size).
+        blocks = 1 if dd < 512 else 8
     edges = np.linspace(0, dd, blocks + 1).astype(int)
     block_pairs = [(i, j) for i in range(blocks) for j in range(i, blocks)]
 
