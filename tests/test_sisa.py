@@ -273,7 +273,6 @@ def test_registered_method_matches_library(setting):
                                np.asarray(sisa.predict(scratch, test.x[:30])), atol=1e-5)
 
 
-@pytest.mark.slow
 def test_tradeoff_experiment_smoke(tmp_path):
     from experiments import sisa_tradeoff
     from unlearn import runner
@@ -284,7 +283,6 @@ def test_tradeoff_experiment_smoke(tmp_path):
     assert (tmp_path / "smoke" / "sisa_tradeoff.png").exists()
 
 
-@pytest.mark.slow
 def test_hockey_example_forgets_the_three_named_images():
     """The seed tutorial's shape: three images named by file name are all in the team's folder,
     are forgotten, and the served CNN shards equal training without them."""
