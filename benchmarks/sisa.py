@@ -102,13 +102,12 @@ def forget_row(tr) -> dict:
     return row
 
 
-def table(name: str, rows: list[dict], forgets: list[tuple[str, dict]]) -> str:
-    n = rows[0]["n"] if rows and "n" in rows[0] else None
+def table(name: str, n: int, rows: list[dict], forgets: list[tuple[str, dict]]) -> str:
     lines = ["## SISA (`python -m benchmarks.sisa`)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, backend "
              f"{jax.default_backend()}, jax {jax.__version__}; load average "
-             f"{os.getloadavg()[0]:.1f} at the end of the run. Training: {name}"
-             f"{'' if n is None else f' (n = {n})'}, {EPOCHS} epochs, batch 32, R = 1; "
+             f"{os.getloadavg()[0]:.1f} at the end of the run. Training: {name} (n = {n}), "
+             f"{EPOCHS} epochs, batch 32, R = 1; "
              f"median of {REPEATS} after a warm-up.", "",
              "| model | S | strategy | batched (s) | loop over shards (s) | one model (s) | "
              "batched / loop | batched / one model |", "|---|---|---|---|---|---|---|---|"]
@@ -143,12 +142,10 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     tr = load(a.data, a.n)
     rows = training_rows(tr)
-    for r in rows:
-        r["n"] = len(tr)
     forgets = [(a.data, forget_row(tr))]
     if a.data != "digits":
         forgets.append(("digits", forget_row(load("digits", 0))))
-    text = table(a.data, rows, forgets)
+    text = table(a.data, len(tr), rows, forgets)
     print(text)
     if not a.no_write:
         write_section("sisa", text)

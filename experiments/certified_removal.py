@@ -48,13 +48,18 @@ def _problem(l2, seed):
     return train.Problem(models.logreg(10), tr, cfg, jax.random.key(seed)), te
 
 
-def _accuracy_vs_eps(l2, *, sigma, support, epsilons, delta, draws, seed) -> dict:
-    """β of ``support`` sequential single removals at this λ, then the test accuracy of models
-    trained with the noise σ = c·β/ε that certifies them, for each ε."""
+def _prepared(l2, *, sigma, delta, seed):
+    """Problem, test set, θ* and the certified state (a budget that never retrains) at λ."""
     problem, te = _problem(l2, seed)
     trained = train.train(problem)
-    u = certified.certified(epsilon=1e9, delta=delta, sigma=sigma)  # never retrains here
-    st = u.prepare(problem, trained)
+    u = certified.certified(epsilon=1e9, delta=delta, sigma=sigma)
+    return problem, te, trained, u, u.prepare(problem, trained)
+
+
+def _accuracy_vs_eps(prepared, *, support, epsilons, delta, draws, seed) -> dict:
+    """β of ``support`` sequential single removals at this λ, then the test accuracy of models
+    trained with the noise σ = c·β/ε that certifies them, for each ε."""
+    problem, te, trained, u, st = prepared
     for i, id_ in enumerate(data.select_forget(problem.train, count=support, seed=seed)):
         _, st = u.forget(st, [id_], jax.random.key(i))
     beta = st.beta
@@ -73,30 +78,26 @@ def _accuracy_vs_eps(l2, *, sigma, support, epsilons, delta, draws, seed) -> dic
                 np.asarray(problem.model.apply(fit.params, test_x)), te.y))
         acc.append({"epsilon": eps, "sigma": sig, "acc_mean": float(np.mean(accs)),
                     "acc_std": float(np.std(accs))})
-    return {"l2": l2, "beta_support": beta, "accuracy": acc, "c": c,
+    return {"l2": problem.cfg.l2, "beta_support": beta, "accuracy": acc, "c": c,
             "unperturbed_acc": base_acc}
 
 
 def run(*, l2, sigma, removals, support, epsilons, delta, draws, seed, l2_sweep) -> dict:
     """Residual and bounds vs m at ``l2``; accuracy vs ε for each λ of ``l2_sweep``."""
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        problem, te = _problem(l2, seed)
-        trained = train.train(problem)
-        u = certified.certified(epsilon=1e9, delta=delta, sigma=sigma)  # never retrains here
-        state = u.prepare(problem, trained)
+    with jax.enable_x64(True):
+        main = _prepared(l2, sigma=sigma, delta=delta, seed=seed)
+        problem, _, _, u, state = main
         curve = []
         for m in removals:
             ids = data.select_forget(problem.train, count=m, seed=seed + m)
             res, _ = u.forget(state, ids, jax.random.key(m))
             curve.append({"m": m, **{k: res.stats[k] for k in
                                      ("residual_norm", "data_bound", "worst_bound")}})
-        sweep = [_accuracy_vs_eps(lam, sigma=sigma, support=support, epsilons=epsilons,
-                                  delta=delta, draws=draws, seed=seed) for lam in l2_sweep]
+        sweep = [_accuracy_vs_eps(main if lam == l2 else
+                                  _prepared(lam, sigma=sigma, delta=delta, seed=seed),
+                                  support=support, epsilons=epsilons, delta=delta,
+                                  draws=draws, seed=seed) for lam in l2_sweep]
         return {"curve": curve, "accuracy_by_l2": sweep}
-    finally:
-        jax.config.update("jax_enable_x64", old)
 
 
 def plot(payload: dict, outdir) -> list:

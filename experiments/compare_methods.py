@@ -81,43 +81,33 @@ def run(*, settings, forgets, seeds, methods=None) -> dict:
         name = f"{st['dataset']}/{st['model']}"
         mname, mkw, dataset = st.pop("model"), st.pop("model_kwargs", {}), st.pop("dataset")
         skip = st.pop("skip", ())
+        model = None
         per_forget: dict = {}
-        old_x64 = jax.config.jax_enable_x64
-        jax.config.update("jax_enable_x64", st.get("dtype") == "float64" or old_x64)
-        try:
-            _run_setting(name, dataset, mname, mkw, skip, st, forgets, seeds, methods,
-                         per_forget)
-        finally:
-            jax.config.update("jax_enable_x64", old_x64)
+        with jax.enable_x64(st.get("dtype") == "float64" or jax.config.jax_enable_x64):
+            for seed in seeds:
+                split = data.load(dataset, seed=seed)
+                if model is None:
+                    model = models.make(mname, split.train.num_classes, **mkw)
+                problem = Problem(model, split.train, TrainConfig(**st), jax.random.key(seed))
+                trained = train(problem)
+                use, skipped = _methods(methods, model.convex, skip)
+                for kind, arg in forgets:
+                    label = f"{name} {kind} {arg if kind == 'class' else f'{float(arg):.0%}'}"
+                    t0 = time.perf_counter()
+                    ids = _forget_ids(problem.train, kind, arg, seed)
+                    res = evaluate(problem, split, ids, use, jax.random.key(seed + 1000),
+                                   trained=trained, extras=[mia_extra])
+                    slot = per_forget.setdefault(label, {"setting": label, "per_seed": [],
+                                                         "skipped": skipped, "wall_s": 0.0})
+                    slot["per_seed"].append(res["rows"])
+                    slot["forget_count"] = int(len(ids))
+                    slot["wall_s"] += time.perf_counter() - t0
+                    print(f"[{NAME}] {label} seed {seed}: {time.perf_counter() - t0:.1f} s",
+                          file=sys.stderr)
         for slot in per_forget.values():
             slot["summary"] = mean_std_over_seeds(slot["per_seed"])
             out.append(slot)
     return {"results": out, "table": table(out)}
-
-
-def _run_setting(name, dataset, mname, mkw, skip, st, forgets, seeds, methods, per_forget):
-    """One setting: per seed train θ* once, then every forget request through ``evaluate``."""
-    model = None
-    for seed in seeds:
-        split = data.load(dataset, seed=seed)
-        if model is None:
-            model = models.make(mname, split.train.num_classes, **mkw)
-        problem = Problem(model, split.train, TrainConfig(**st), jax.random.key(seed))
-        trained = train(problem)
-        use, skipped = _methods(methods, model.convex, skip)
-        for kind, arg in forgets:
-            label = f"{name} {kind} {arg if kind == 'class' else f'{float(arg):.0%}'}"
-            t0 = time.perf_counter()
-            ids = _forget_ids(problem.train, kind, arg, seed)
-            res = evaluate(problem, split, ids, use, jax.random.key(seed + 1000),
-                           trained=trained, extras=[mia_extra])
-            slot = per_forget.setdefault(label, {"setting": label, "per_seed": [],
-                                                 "skipped": skipped, "wall_s": 0.0})
-            slot["per_seed"].append(res["rows"])
-            slot["forget_count"] = int(len(ids))
-            slot["wall_s"] += time.perf_counter() - t0
-            print(f"[{NAME}] {label} seed {seed}: {time.perf_counter() - t0:.1f} s",
-                  file=sys.stderr)
 
 
 def _cell(row: dict, k: str) -> str:

@@ -175,6 +175,13 @@ def test_projected_curvature_and_downdated_gradient_match_direct(digits64):
     flat_apply = lambda t, xx: apply(unravel(t), xx)  # noqa: E731
     z_generic = influence.projected_removed_curvature(flat_apply, theta, x[pos], fac.evecs)
     np.testing.assert_allclose(np.asarray(z_generic), np.asarray(z), atol=1e-12)
+    # Zero-weight padding rows (how the method buckets request sizes) add only zero columns.
+    padded = np.concatenate([pos, pos[:2]])
+    wpad = jnp.asarray([1.0] * 6 + [0.0] * 2)
+    for f, a, p0 in ((apply, trained.params, z), (flat_apply, theta, z_generic)):
+        zp = influence.projected_removed_curvature(f, a, x[padded], fac.evecs, wpad)
+        np.testing.assert_allclose(np.asarray(zp[:, :60]), np.asarray(p0), atol=1e-12)
+        assert float(jnp.abs(zp[:, 60:]).max()) == 0.0
     w = np.ones(n)
     w[pos] = 0.0
     g = influence.downdated_gradient(apply, trained.params, fac.grad_sum, x[pos], y[pos],

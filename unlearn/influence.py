@@ -125,11 +125,15 @@ def full_hessian(apply: Apply, params: Params, x: Array, y: Array, w: Array,
     params are one ``(d, K)`` kernel and one ``(K,)`` bias, otherwise the chunked
     ``curvature.hessian``.
     """
-    leaves = jax.tree.leaves(params)
-    shapes = sorted(np.ndim(a) for a in leaves)
-    if len(leaves) == 2 and shapes == [1, 2]:
+    if _is_softmax_regression(params):
         return curvature.softmax_regression_hessian(params, x, w, l2)
     return curvature.hessian(apply, params, x, y, w, l2)
+
+
+def _is_softmax_regression(params: Params) -> bool:
+    """One ``(d, K)`` kernel and one ``(K,)`` bias: the closed forms of this module apply."""
+    leaves = jax.tree.leaves(params)
+    return len(leaves) == 2 and sorted(np.ndim(a) for a in leaves) == [1, 2]
 
 
 class NewtonFactor(NamedTuple):
@@ -192,39 +196,45 @@ def newton_factor(apply: Apply, params: Params, x: Array, y: Array, w: Array, l2
 # --------------------------------------------------------------------------------------------
 
 
-def _curvature_root(logits: Array, dtype) -> Array:
-    r""":math:`C = \operatorname{diag}\sqrt p - p\sqrt p^\top` per row, :math:`CC^\top =
-    \operatorname{diag}p - pp^\top`; shape ``(m, K, K)``."""
+def _curvature_root(logits: Array, dtype, w: Array | None = None) -> Array:
+    r""":math:`C = \sqrt{w}\,(\operatorname{diag}\sqrt p - p\sqrt p^\top)` per row,
+    :math:`CC^\top = w(\operatorname{diag}p - pp^\top)`; shape ``(m, K, K)``."""
     p = jax.nn.softmax(logits.astype(dtype), axis=-1)
     sp = jnp.sqrt(p)
-    return jax.vmap(jnp.diag)(sp) - p[:, :, None] * sp[:, None, :]
+    c = jax.vmap(jnp.diag)(sp) - p[:, :, None] * sp[:, None, :]
+    return c if w is None else jnp.sqrt(w.astype(dtype))[:, None, None] * c
 
 
 @functools.partial(jax.jit, static_argnames=("apply",))
-def removed_curvature_factor(apply: Apply, params: Params, x: Array) -> Array:
-    r"""``V`` of shape ``(p, m K)`` with :math:`VV^\top = \sum_i J_i^\top(\operatorname{diag}
-    p_i - p_ip_i^\top)J_i` over the rows of ``x``.
+def removed_curvature_factor(apply: Apply, params: Params, x: Array,
+                             w: Array | None = None) -> Array:
+    r"""``V`` of shape ``(p, m K)`` with :math:`VV^\top = \sum_i w_iJ_i^\top(\operatorname{diag}
+    p_i - p_ip_i^\top)J_i` over the rows of ``x`` (weights ``w``, default 1; a zero weight
+    pads the batch without changing the result).
 
     That is the Gauss–Newton matrix of the cross-entropy summed over the given examples, which
     equals :math:`\sum_i\nabla^2\ell_i` exactly when the logits are linear in :math:`\theta`
     (softmax regression). :math:`V_i = J_i^\top C_i`, each column a ``vjp`` of the logits.
     """
     theta, unravel = ravel_pytree(params)
+    w = jnp.ones(x.shape[0], theta.dtype) if w is None else w
 
-    def one(xi: Array) -> Array:
+    def one(xi: Array, wi: Array) -> Array:
         f = lambda t: apply(unravel(t), xi[None])[0]  # noqa: E731
         logits, vjp = jax.vjp(f, theta)
-        c = _curvature_root(logits[None], theta.dtype)[0]  # (K, K)
+        c = _curvature_root(logits[None], theta.dtype, wi[None])[0]  # (K, K)
         return jax.vmap(lambda col: vjp(col.astype(logits.dtype))[0])(c.T)  # (K, p)
 
-    v = jax.vmap(one)(x)  # (m, K, p)
+    v = jax.vmap(one)(x, w)  # (m, K, p)
     return v.reshape(-1, theta.size).T
 
 
 @functools.partial(jax.jit, static_argnames=("apply",))
-def projected_removed_curvature(apply: Apply, params: Params, x: Array, evecs: Array) -> Array:
+def projected_removed_curvature(apply: Apply, params: Params, x: Array, evecs: Array,
+                                w: Array | None = None) -> Array:
     r""":math:`Z = Q^\top V`, shape ``(p, m K)``, for :math:`V` =
-    :func:`removed_curvature_factor` of the rows of ``x`` and ``evecs`` :math:`= Q`.
+    :func:`removed_curvature_factor` of the rows of ``x`` (weights ``w``) and ``evecs``
+    :math:`= Q`.
 
     For softmax regression (one ``(d, K)`` kernel and one ``(K,)`` bias, as in
     ``curvature.softmax_regression_hessian``) the logits are :math:`\tilde x^\top\tilde W`, so
@@ -235,19 +245,16 @@ def projected_removed_curvature(apply: Apply, params: Params, x: Array, evecs: A
     """
     theta, _ = ravel_pytree(params)
     evecs = evecs.astype(theta.dtype)
-    leaves = jax.tree.leaves(params)
-    if len(leaves) == 2 and sorted(np.ndim(a) for a in leaves) == [1, 2]:
-        kernel, bias, bias_first = curvature._dense_leaves(params)
-        m, k = x.shape[0], bias.shape[0]
-        xf = x.reshape(m, -1).astype(theta.dtype)
-        ones = jnp.ones((m, 1), theta.dtype)
-        xt = jnp.concatenate([ones, xf] if bias_first else [xf, ones], axis=1)  # (m, d+1)
-        jq = (xt @ evecs.reshape(xt.shape[1], -1)).reshape(m, k, -1)  # [i, c, j] = (J_i q_j)_c
-        c = _curvature_root(xf @ kernel + bias, theta.dtype)  # (m, K, K)
-        z = jnp.einsum("icj,ice->jie", jq, c)
-        return z.reshape(theta.size, -1)
-    v = removed_curvature_factor(apply, params, x)
-    return (v.T @ evecs).T
+    if not _is_softmax_regression(params):
+        return (removed_curvature_factor(apply, params, x, w).T @ evecs).T
+    _, bias, bias_first = curvature._dense_leaves(params)
+    m, k = x.shape[0], bias.shape[0]
+    xf = x.reshape(m, -1).astype(theta.dtype)
+    ones = jnp.ones((m, 1), theta.dtype)
+    xt = jnp.concatenate([ones, xf] if bias_first else [xf, ones], axis=1)  # (m, d+1)
+    jq = (xt @ evecs.reshape(xt.shape[1], -1)).reshape(m, k, -1)  # [i, c, j] = (J_i q_j)_c
+    c = _curvature_root(apply(params, x), theta.dtype, w)  # (m, K, K)
+    return jnp.einsum("icj,ice->jie", jq, c).reshape(theta.size, -1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,6 +354,7 @@ def newton_step(
     damping: float = 0.0,
     factor: NewtonFactor | None = None,
     removed_x: Array | None = None,
+    removed_w: Array | None = None,
     anchor: Params | None = None,
     grad: Array | None = None,
     tol: float | None = None,
@@ -359,9 +367,10 @@ def newton_step(
     retained objective (weights ``w``).
 
     ``solver``: ``exact`` — with ``factor`` (of the full-data Hessian at ``anchor``) and
-    ``removed_x`` (the examples removed since), an exact Woodbury-downdated solve with the
-    Hessian at ``anchor`` (:func:`woodbury_solve`); without a factor, a fresh dense Hessian
-    at ``params`` and a Cholesky solve.
+    ``removed_x`` (the examples removed since; ``removed_w`` their weights, 0 for padding
+    rows), an exact Woodbury-downdated solve with the Hessian at ``anchor``
+    (:func:`woodbury_solve`); without a factor, a fresh dense Hessian at ``params`` and a
+    Cholesky solve.
     ``cg`` / ``lissa`` — matrix-free on the HVP at ``params`` (``solvers.solve``). ``grad``
     may pass a precomputed gradient.
     """
@@ -371,8 +380,9 @@ def newton_step(
         if factor is not None:
             if anchor is None or removed_x is None:
                 raise ValueError("solver='exact' with a factor needs anchor= and removed_x=.")
-            z = projected_removed_curvature(apply, anchor, removed_x, factor.evecs)
-            res = woodbury_solve(factor, z, int(removed_x.shape[0]), g, projected=True)
+            rw = jnp.ones(removed_x.shape[0]) if removed_w is None else jnp.asarray(removed_w)
+            z = projected_removed_curvature(apply, anchor, removed_x, factor.evecs, rw)
+            res = woodbury_solve(factor, z, int(round(float(rw.sum()))), g, projected=True)
             if not bool(res.converged):
                 warnings.warn(f"Woodbury solve: relative residual {float(res.residual):.2e}",
                               RuntimeWarning, stacklevel=2)

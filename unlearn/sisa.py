@@ -74,6 +74,7 @@ from unlearn.models import Model
 from unlearn.train import (
     TrainConfig,
     batch_indices,
+    bucket,
     cast,
     epoch_order,
     key_seed,
@@ -374,11 +375,6 @@ def _place(tree, mesh, axis: int = 0):
     return jax.tree.map(put, tree)
 
 
-def _bucket(k: int) -> int:
-    """Next power of two ≥ k (batch sizes of the compiled step, to bound recompiles)."""
-    return 1 << (max(k, 1) - 1).bit_length()
-
-
 CHUNK = 16  # steps per compiled scan call; a stage's steps are padded with no-ops to a multiple
 
 
@@ -393,7 +389,7 @@ def _run_stages(state: SisaState, shards: np.ndarray, start: np.ndarray, x, y):
     model, cfg, plan = state.model, state.cfg, state.plan
     R = plan.slices
     real = len(shards)
-    k = _bucket(real)
+    k = bucket(real)
     if state.mesh is not None:
         ndev = state.mesh.devices.size
         k = max(k, ndev) + (-max(k, ndev)) % ndev

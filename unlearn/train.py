@@ -138,6 +138,12 @@ def batch_indices(present: np.ndarray, order: np.ndarray, batch_size: int):
     return idx.reshape(nb, batch_size), msk.reshape(nb, batch_size)
 
 
+def bucket(k: int) -> int:
+    """Next power of two ≥ k: pad a variable-length batch to this many rows (zero weights) so
+    a handful of compiled programs serve every size."""
+    return 1 << (max(k, 1) - 1).bit_length()
+
+
 # ----------------------------------------------------------------------------- optimisers
 
 

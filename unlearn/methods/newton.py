@@ -29,7 +29,7 @@ import numpy as np
 
 from unlearn import influence
 from unlearn.methods.base import Unlearner, next_weights, params_result
-from unlearn.train import Fit, Problem, cast
+from unlearn.train import Fit, Problem, bucket, cast
 
 Params = Any
 
@@ -108,21 +108,26 @@ def newton(
         wj = jnp.asarray(w, state.x.dtype)
         common = dict(damping=damping, tol=tol, maxiter=maxiter, lissa_depth=lissa_depth,
                       lissa_scale=lissa_scale, key=key)
+        # Everything removed since the anchor, padded with zero-weight rows to a power of two
+        # so that requests of different sizes reuse a few compiled programs.
         removed = np.nonzero((state.anchor_weights > 0) & (w == 0))[0]
-        removed_x = state.x[removed]
+        rows = np.zeros(bucket(len(removed)), np.int64)
+        rows[: len(removed)] = removed
+        removed_w = np.zeros(len(rows))
+        removed_w[: len(removed)] = state.anchor_weights[removed]
+        removed_x, removed_w = state.x[rows], jnp.asarray(removed_w, state.x.dtype)
         grad = None
         if state.factor is not None and state.params is state.anchor:
             # At θ*: the cached Σ_D ∇ℓ_i minus the removed points' gradients (exact, O(kp)).
             grad = influence.downdated_gradient(
-                apply, state.anchor, state.factor.grad_sum, removed_x, state.y[removed],
-                jnp.asarray(state.anchor_weights[removed], state.x.dtype),
+                apply, state.anchor, state.factor.grad_sum, removed_x, state.y[rows], removed_w,
                 jnp.asarray(w.sum(), state.x.dtype), jnp.asarray(l2, state.x.dtype))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             params, res = influence.newton_step(
                 apply, state.params, state.x, state.y, wj, l2, solver=solver,
-                factor=state.factor, removed_x=removed_x, anchor=state.anchor, grad=grad,
-                **common)
+                factor=state.factor, removed_x=removed_x, removed_w=removed_w,
+                anchor=state.anchor, grad=grad, **common)
             results = [res]
             if steps == 2:
                 params, res2 = influence.newton_step(
