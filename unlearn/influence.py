@@ -274,13 +274,13 @@ def _eig_woodbury(evals: Array, evecs: Array, z: Array, n: Array, k: Array, lam:
         cap = n * jnp.eye(z.shape[1], dtype=z.dtype) - z.T @ dz
         lc = jnp.linalg.cholesky(0.5 * (cap + cap.T))
         dg = d * gh
-        yh = dg + dz @ jax.scipy.linalg.cho_solve((lc, True), z.T @ dg)
+        yh = dg + dz @ jax.scipy.linalg.cho_solve((lc, True), dg @ z)  # dg @ z = Z^T dg
     else:  # kK ≥ p: the (p × p) downdated matrix itself is the smaller system
         m = jnp.diag(lam_d) - z @ z.T / n
         lc = jnp.linalg.cholesky(0.5 * (m + m.T))
         yh = jax.scipy.linalg.cho_solve((lc, True), gh)
     # Residual of (Λ - δ - Z Z^T / n) ŷ = s Q^T g in the eigenbasis (Q is orthogonal).
-    r = lam_d * yh - z @ (z.T @ yh) / n - gh
+    r = lam_d * yh - z @ (yh @ z) / n - gh
     res = jnp.linalg.norm(r) / jnp.maximum(jnp.linalg.norm(gh), jnp.finfo(g.dtype).tiny)
     x = evecs @ yh  # Q ŷ
     finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(lc))
