@@ -72,10 +72,10 @@ def test_objective_convention():
     ce = -logp[np.arange(len(y)), np.asarray(y)]
     theta = np.asarray(ravel_pytree(params)[0])
     want = np.sum(np.asarray(w) * ce) / max(float(w.sum()), 1.0) + 0.5 * 0.1 * theta @ theta
-    obj = jax.jit(C.objective, static_argnums=1)
-    np.testing.assert_allclose(obj(params, apply, x, y, w, 0.1), want, rtol=1e-13)
+    obj = jax.jit(C.objective, static_argnums=0)  # the one objective: (apply, params, x, y, w, l2)
+    np.testing.assert_allclose(obj(apply, params, x, y, w, 0.1), want, rtol=1e-13)
     # all-zero weights: no division by zero
-    assert jnp.isfinite(obj(params, apply, x, y, 0 * w, 0.1))
+    assert jnp.isfinite(obj(apply, params, x, y, 0 * w, 0.1))
 
 
 def test_hessian_matches_finite_differences():

@@ -51,6 +51,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
+from unlearn.objective import cross_entropy, normaliser, objective
+
 Array = jax.Array
 PyTree = Any
 Apply = Callable[[PyTree, Array], Array]
@@ -73,40 +75,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
-def _cross_entropy(logits: Array, y: Array) -> Array:
-    """Per-example softmax cross-entropy ``logsumexp(z) - z_y`` for integer labels ``y``."""
-    logits = logits.astype(jnp.result_type(logits, jnp.float32))
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return lse - picked
-
-
-def _normaliser(w: Array) -> Array:
-    """``max(sum w, 1)``: the denominator of the weighted mean (never divides by zero)."""
-    return jnp.maximum(jnp.sum(w), 1.0)
-
-
-def objective(
-    params: PyTree, apply: Apply, x: Array, y: Array, w: Array, l2: float | Array
-) -> Array:
-    r"""The project's training objective (``unlearn.train.objective``, params first).
-
-    :math:`L(\theta) = \sum_i w_i\,\mathrm{CE}(f_\theta(x_i), y_i) / \max(\sum_i w_i, 1)
-    + (\lambda/2)\lVert\theta\rVert^2`.
-
-    Args:
-      params: parameter pytree.
-      apply: pure ``apply(params, x) -> logits`` of shape ``(n, K)``.
-      x: inputs, leading axis ``n``.
-      y: integer labels ``(n,)``.
-      w: per-example float weights/mask ``(n,)`` (0 removes an example).
-      l2: L2 coefficient :math:`\lambda` applied to every parameter.
-    """
-    from unlearn.train import objective as train_objective
-
-    return train_objective(apply, params, x, y, jnp.asarray(w), l2)
-
-
 def flat_objective(apply: Apply, unravel: Callable[[Array], PyTree]) -> Callable[..., Array]:
     """``objective`` as a function of the flat parameter vector.
 
@@ -115,7 +83,7 @@ def flat_objective(apply: Apply, unravel: Callable[[Array], PyTree]) -> Callable
     """
 
     def f(theta: Array, x: Array, y: Array, w: Array, l2: float | Array) -> Array:
-        return objective(unravel(theta), apply, x, y, w, l2)
+        return objective(apply, unravel(theta), x, y, w, l2)
 
     return f
 
@@ -180,12 +148,12 @@ def hessian(
     """
     theta, unravel = ravel_pytree(params)
     w = jnp.asarray(w, theta.dtype)
-    denom = _normaliser(w)
+    denom = normaliser(w)
     n = w.shape[0]
     _, (xs, ys, ws) = _chunked(chunk_size, n, x, y, w)
 
     def chunk_loss(t: Array, xc: Array, yc: Array, wc: Array) -> Array:
-        return jnp.sum(wc * _cross_entropy(apply(unravel(t), xc), yc)) / denom
+        return jnp.sum(wc * cross_entropy(apply(unravel(t), xc), yc)) / denom
 
     chunk_hess = jax.hessian(chunk_loss)
 
@@ -278,7 +246,7 @@ def softmax_regression_hessian(
     probs = jnp.asarray(probs, dtype)
     ones = jnp.ones((n, 1), dtype)
     xt = jnp.concatenate([ones, x] if bias_first else [x, ones], axis=1)
-    coef_w = w / _normaliser(w)
+    coef_w = w / normaliser(w)
 
     # Upper-triangular class pairs (k <= l) and the map (k, l) -> pair index.
     ku, lu = np.triu_indices(k)
@@ -372,7 +340,7 @@ def _ggn_impl(
     p = jax.nn.softmax(logits.astype(jv.dtype), axis=-1)
     # Hessian of CE w.r.t. the logits: diag(p) - p p^T, weighted by w_i / max(sum w, 1).
     h_out_jv = p * jv - p * jnp.sum(p * jv, axis=-1, keepdims=True)
-    h_out_jv = h_out_jv * (w / _normaliser(w))[:, None]
+    h_out_jv = h_out_jv * (w / normaliser(w))[:, None]
     _, vjp = jax.vjp(logits_fn, theta)
     (jt,) = vjp(h_out_jv.astype(logits.dtype))
     return jt + (l2 + damping) * v
@@ -475,7 +443,7 @@ def per_example_grads(
 
     def one(xi: Array, yi: Array) -> Array:
         def loss(t: Array) -> Array:
-            return _cross_entropy(apply(unravel(t), xi[None]), yi[None])[0]
+            return cross_entropy(apply(unravel(t), xi[None]), yi[None])[0]
 
         return jax.grad(loss)(theta)
 

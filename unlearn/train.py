@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from unlearn.data import Dataset, stable_hash
 from unlearn.models import Model
+from unlearn.objective import example_losses, l2_norm_sq, objective  # noqa: F401 (re-exported)
 
 Params = Any
 
@@ -72,24 +73,6 @@ class Fit(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- objective
-
-
-def example_losses(apply, params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Per-example softmax cross-entropy ℓ(f_θ(x_i), y_i)."""
-    logits = apply(params, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
-
-
-def l2_norm_sq(params: Params) -> jax.Array:
-    """‖θ‖² over every leaf (biases included)."""
-    return sum(jnp.vdot(p, p) for p in jax.tree.leaves(params))
-
-
-def objective(apply, params: Params, x, y, w, l2: float) -> jax.Array:
-    """L(θ) = Σ w_i ℓ_i / max(Σ w_i, 1) + (l2/2)‖θ‖² (an all-zero mask gives the penalty only)."""
-    losses = example_losses(apply, params, x, y)
-    total = jnp.maximum(jnp.sum(w), 1.0)
-    return jnp.sum(w * losses) / total + 0.5 * l2 * l2_norm_sq(params)
 
 
 # ----------------------------------------------------------------------------- data order
