@@ -556,7 +556,7 @@ def init_variables(model, x1, keys: jax.Array, dtype: str) -> Params:
     return _INIT[k](keys, jnp.asarray(x1))
 
 
-def init_members(model, variables: Params, optimizer: str, lr) -> Members:
+def init_members(variables: Params, optimizer: str, lr) -> Members:
     """Members from stacked initial variables, optimiser state with per-member ``lr`` (S,)."""
     params, state = split_variables(variables)
     opt = make_optimizer(optimizer)
@@ -640,7 +640,7 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
     if variables is None:
         variables = init_variables(model, data.x[:1], keys, dtype)
     variables = cast(variables, dtype)
-    members = init_members(model, variables, optimizer, lr)
+    members = init_members(variables, optimizer, lr)
     fdt = data.x.dtype
     aux = {"l2": jnp.broadcast_to(jnp.asarray(l2, fdt), (S,))}
     seeds = [key_seed(k) for k in keys] if seeds is None else list(seeds)
