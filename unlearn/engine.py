@@ -117,13 +117,24 @@ def epoch_order(id_hashes: np.ndarray, seed: int, epoch: int, *salt: int) -> np.
 
 
 def batch_indices(present: np.ndarray, order: np.ndarray, batch_size: int):
-    """(num_batches, batch_size) row indices and weights; the tail batch is zero-padded."""
+    """(num_batches, batch_size) row indices and weights; the tail batch is padded with
+    weight-0 repeats of its own rows.
+
+    Padding rows never weigh in the loss; they repeat the tail batch's rows (not a fixed row
+    of the data) so that the padded batch, and with it anything a train-mode forward pass
+    computes over the batch (BatchNorm statistics of a model without a ``mask`` argument), is
+    a function of the ids present only.
+    """
     rows = present[order]
     nb = max(1, math.ceil(len(rows) / batch_size))
     idx = np.zeros(nb * batch_size, dtype=np.int32)
     msk = np.zeros(nb * batch_size, dtype=np.float32)
     idx[: len(rows)] = rows
     msk[: len(rows)] = 1.0
+    pad = nb * batch_size - len(rows)
+    if pad and len(rows):
+        tail = rows[(nb - 1) * batch_size:]
+        idx[len(rows):] = tail[np.arange(pad) % len(tail)]
     return idx.reshape(nb, batch_size), msk.reshape(nb, batch_size)
 
 
@@ -238,9 +249,10 @@ def has_state(model) -> bool:
     return bool(getattr(model, "has_state", False))
 
 
-def _takes_train(apply: Callable) -> bool:
+def _takes(apply: Callable, name: str) -> bool:
+    """Whether ``apply`` has a keyword parameter ``name``."""
     try:
-        return "train" in inspect.signature(apply).parameters
+        return name in inspect.signature(apply).parameters
     except (TypeError, ValueError):
         return False
 
@@ -363,7 +375,8 @@ def _member_step(prog: Program, model, opt, carry, aux, gmask, key, epoch, t, x,
     """One optimiser step of one member (pure; vmapped, scanned or unrolled by the strategy)."""
     params, opt_state, mstate = carry
     rng = jax.random.fold_in(jax.random.fold_in(key, epoch), t)
-    stateful = bool(mstate) or _takes_train(model.apply)
+    stateful = bool(mstate) or _takes(model.apply, "train")
+    with_mask = stateful and _takes(model.apply, "mask")
     batches = []
     for i, w in zip(idxs, ws):
         xb = x[i]
@@ -376,7 +389,10 @@ def _member_step(prog: Program, model, opt, carry, aux, gmask, key, epoch, t, x,
 
         def fwd(pp, xx):
             if pp is p and stateful:  # the trained member, train mode: update its state
-                out = model.apply(merge_variables(pp, mstate), xx, train=True, rng=rng)
+                kw = {}
+                if with_mask:  # padding rows (weight 0) stay out of batch statistics
+                    kw["mask"] = next((b.w > 0 for b in batches if b.x is xx), None)
+                out = model.apply(merge_variables(pp, mstate), xx, train=True, rng=rng, **kw)
                 if isinstance(out, tuple):
                     out, new = out
                     states.append(new)
