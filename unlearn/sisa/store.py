@@ -832,7 +832,11 @@ def verify(root: str | Path) -> dict:
         a, b = np.asarray(a)[:, check], np.asarray(b)[:, check]
         diff = max(diff, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
     out.update(units_checked=int(len(check) * (R + 1)), max_abs_diff=diff,
-               ok=diff == 0.0 and not out["unverifiable_shards"])
+               ok=diff == 0.0 and not len(missing))
+    if len(missing):
+        out["reason"] = ("retained examples are missing from the data (missing_retained): the "
+                         "checked shards match, but the data no longer matches the model; "
+                         "restore those files or forget them.")
     return out
 
 
