@@ -273,12 +273,22 @@ def _quiet_orbax():
     return ocp
 
 
-def _save_unit(root: Path, unit) -> str:
-    """Save ``{params, opt_state}`` as ``units/<digest>`` unless that content is stored."""
+def _file_sums(d: Path) -> dict[str, str]:
+    """sha256 of every file under a unit directory, by relative path."""
+    out = {}
+    for p in sorted(d.rglob("*")):
+        if p.is_file():
+            out[p.relative_to(d).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()[:32]
+    return out
+
+
+def _save_unit(root: Path, unit) -> tuple[str, dict]:
+    """Save ``{params, opt_state}`` as ``units/<digest>`` unless that content is stored;
+    returns the digest and the checksums of the unit's files."""
     digest = _digest(unit)
     final = root / UNITS / digest
     if final.exists():
-        return digest
+        return digest, _file_sums(final)
     ocp = _quiet_orbax()
     tmp = _tmp_name(final)
     with ocp.PyTreeCheckpointer() as ck:  # closed: no orbax threads left at exit
@@ -287,19 +297,28 @@ def _save_unit(root: Path, unit) -> str:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    try:
-        os.rename(tmp, final)
-    except OSError:  # the same content was stored meanwhile (cannot happen under the lock)
-        shutil.rmtree(tmp, ignore_errors=True)
+    sums = _file_sums(tmp)
+    os.rename(tmp, final)  # under the writer lock nobody else creates ``final``
     _fsync_dir(final.parent)
-    return digest
+    return digest, sums
 
 
-def _load_unit(root: Path, digest: str, template):
-    ocp = _quiet_orbax()
+def _load_unit(root: Path, u: dict, template):
+    """Restore one unit, after checking its files against the manifest's checksums (so a
+    damaged checkpoint is reported before orbax reads it: a failed orbax restore leaves
+    tensorstore callbacks that print "Event loop is closed" tracebacks at exit)."""
     import jax
 
-    d = root / UNITS / digest
+    d = root / UNITS / u["digest"]
+    sums = _file_sums(d) if d.is_dir() else {}
+    want = u.get("files", {})
+    bad = sorted(k for k in set(sums) | set(want) if sums.get(k) != want.get(k))
+    if not sums or bad:
+        what = "missing" if not sums else f"corrupt (files {bad[:5]} differ from the manifest)"
+        raise ModelDirError(f"checkpoint {d} is {what}; nothing was changed. Restore the "
+                            "directory from a backup or retrain with `python -m unlearn.sisa "
+                            "train`.")
+    ocp = _quiet_orbax()
     try:
         ra = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), template)
         with ocp.PyTreeCheckpointer() as ck:
@@ -309,7 +328,7 @@ def _load_unit(root: Path, digest: str, template):
         raise ModelDirError(f"checkpoint {d} is missing or corrupt ({type(e).__name__}: "
                             f"{str(e)[:200]}); nothing was changed. Restore the directory from "
                             "a backup or retrain with `python -m unlearn.sisa train`.") from e
-    if _digest(unit) != digest:
+    if _digest(unit) != u["digest"]:
         raise ModelDirError(f"checkpoint {d} is corrupt (checksum mismatch); nothing was "
                             "changed. Restore it from a backup or retrain.")
     return unit
@@ -536,7 +555,7 @@ def _load_ckpts(d: Dir, model, cfg, x_shape):
     import jax
 
     tmpl = _template(model, cfg, x_shape, len(d.manifest["units"][0]))
-    rows = [[_load_unit(d.root, u["digest"], tmpl) for u in row] for row in d.manifest["units"]]
+    rows = [[_load_unit(d.root, u, tmpl) for u in row] for row in d.manifest["units"]]
     stack = jax.tree.map(lambda *a: np.stack(a), *[jax.tree.map(lambda *b: np.stack(b), *row)
                                                    for row in rows])
     return stack["params"], stack["opt_state"]
@@ -558,7 +577,7 @@ def _write_version(root: Path, version: int, ckpts, units_meta: list) -> str:
     grid = _split_units(ckpts)
     for r, row in enumerate(grid):
         for s, unit in enumerate(row):
-            units_meta[r][s]["digest"] = _save_unit(root, unit)
+            units_meta[r][s]["digest"], units_meta[r][s]["files"] = _save_unit(root, unit)
     _crash_point("after_units")
     man = {"format": FORMAT, "version": version, "units": units_meta}
     (root / VERSIONS).mkdir(exist_ok=True)
