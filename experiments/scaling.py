@@ -134,7 +134,7 @@ def worker(methods: list[str], p: int, n: int, k: int, classes: int, shards: int
             return solvers.solve(op, grad_r(), "cg", tol=cg_tol, maxiter=500).x
         if method == "lissa":
             op = curvature.hvp(model.apply, theta, xj, yj, wj, cfg.l2)
-            return solvers.solve(op, grad_r(), "lissa", lissa_depth=lissa_depth,
+            return solvers.solve(op, grad_r(), "lissa", depth=lissa_depth,
                                  check_curvature=True).x
         if method == "sisa":
             shard = np.arange(n) % shards == 0

@@ -218,10 +218,10 @@ def test_interrupted_forget_is_consistent_and_repeatable(model_dir, monkeypatch,
         if name == where:
             raise RuntimeError("injected crash")
 
-    monkeypatch.setattr(sisa, "_crash_point", boom)
+    monkeypatch.setattr(sisa.store, "_crash_point", boom)
     with pytest.raises(RuntimeError, match="injected"):
         sisa.forget_persistent(model_dir, ids)
-    monkeypatch.setattr(sisa, "_crash_point", lambda name: None)
+    monkeypatch.setattr(sisa.store, "_crash_point", lambda name: None)
     st, v = _served(model_dir)
     if where == "after_checkpoint":  # not committed: the old model is served, request repeats
         assert v == v0 and st.alive.all() and sisa.read_ledger(model_dir) == []
