@@ -359,6 +359,7 @@ class Program:
     augment: Callable | None
     masked: bool
     padded: bool
+    shared: bool = False
 
 
 _PROGRAMS: dict[Program, Callable] = {}
@@ -422,9 +423,12 @@ def _program(prog: Program, model) -> Callable:
         return _member_step(prog, model, opt, carry, aux, gmask, key, epoch, t, x, y, hashes,
                             idxs, ws, active, progress)
 
-    # member axis: carry, aux, gmask, key, idxs, ws, active, progress; shared: the rest
-    axes = (0, 0, 0, 0, None, None, None, None, None, 0, 0, 0, 0)
+    # member axis: carry, aux, gmask, key and (unless every member has the same schedule,
+    # e.g. a hyperparameter grid) idxs, ws, active, progress; shared: the rest
+    sa = None if prog.shared else 0
+    axes = (0, 0, 0, 0, None, None, None, None, None, sa, sa, sa, sa)
     vstep = jax.vmap(step, in_axes=axes)
+    pick = (lambda a, s: a) if prog.shared else (lambda a, s: a[s])
 
     if prog.strategy == "scan":
         def run(carry, aux, gmask, keys, epoch, x, y, hashes, idxs, ws, active, progress):
@@ -448,8 +452,9 @@ def _program(prog: Program, model) -> Callable:
             _TRACES[prog] = _TRACES.get(prog, 0) + 1
             outs = [step(unstack(carry, s), unstack(aux, s),
                          None if gmask is None else unstack(gmask, s), keys[s], epoch, t,
-                         x, y, hashes, tuple(i[s] for i in idxs), tuple(w[s] for w in ws),
-                         active[s], progress[s]) for s in range(active.shape[0])]
+                         x, y, hashes, tuple(pick(i, s) for i in idxs),
+                         tuple(pick(w, s) for w in ws), pick(active, s), pick(progress, s))
+                    for s in range(keys.shape[0])]
             return stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
 
     fn = jax.jit(run)
@@ -502,24 +507,31 @@ def run(model, members: Members, data: Data, sched: Schedule, *, keys: jax.Array
         return members, jnp.zeros((members.size, 0))
     strategy = resolve_strategy(model, strategy)
     padded = not bool(sched.active.all())
+    arrays = (*sched.idx, *sched.w, sched.active, sched.progress)
+    shared = len(sched.active) > 1 and all((a[1:] == a[:1]).all() for a in arrays)
     prog = Program(model_key(model), optimizer, strategy, dtype, loss, augment,
-                   grad_mask is not None, padded)
+                   grad_mask is not None, padded, shared)
     fn = _program(prog, model)
     fdt = data.x.dtype
-    ws = tuple(np.asarray(w, fdt) for w in sched.w)
+    k = len(sched.idx)
+    # shared: one schedule for all members (member axis dropped); scan: steps axis first
+    if shared:
+        arrays = tuple(a[0] for a in arrays)
+    elif strategy == "scan":
+        arrays = tuple(np.swapaxes(a, 0, 1) for a in arrays)  # (S, T, ...) -> (T, S, ...)
+    idx, ws = arrays[:k], tuple(np.asarray(w, fdt) for w in arrays[k:2 * k])
+    act, prog_ = arrays[2 * k:]
     ep = jnp.int32(epoch)
     if strategy == "scan":
-        sw = lambda a: np.swapaxes(a, 0, 1)  # (S, T, ...) -> (T, S, ...)
         members, losses = fn(members, aux, grad_mask, keys, ep, data.x, data.y, data.hashes,
-                             tuple(sw(i) for i in sched.idx), tuple(sw(w) for w in ws),
-                             sw(sched.active), sw(sched.progress))
+                             idx, ws, act, prog_)
         return members, losses.T
+    at = (lambda a, t: a[t]) if shared else (lambda a, t: a[:, t])
     losses = []
     for t in range(sched.steps):
         members, loss_t = fn(members, aux, grad_mask, keys, ep, jnp.int32(t), data.x, data.y,
-                             data.hashes, tuple(i[:, t] for i in sched.idx),
-                             tuple(w[:, t] for w in ws), sched.active[:, t],
-                             sched.progress[:, t])
+                             data.hashes, tuple(at(i, t) for i in idx),
+                             tuple(at(w, t) for w in ws), at(act, t), at(prog_, t))
         losses.append(loss_t)
     return members, jnp.stack(losses, 1)
 
@@ -663,10 +675,14 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
     present = [np.nonzero(w[s] > 0)[0] for s in range(S)]
     hashes = [np.asarray(ids_hash)[p] for p in present]
     losses = []
+    group = {}  # members with the same seed and weights share one data order (grids)
+    for s in range(S):
+        group.setdefault((seeds[s], w[s].tobytes()), s)
+    first = [group[(seeds[s], w[s].tobytes())] for s in range(S)]
     for e in tqdm(range(epochs), disable=not progress, desc=desc):
-        sched = stack_schedules(
-            [(member_batches(present[s], hashes[s], seeds[s], e, batch_size),)
-             for s in range(S)], batch_size)
+        parts = {s: member_batches(present[s], hashes[s], seeds[s], e, batch_size)
+                 for s in set(first)}
+        sched = stack_schedules([(parts[first[s]],) for s in range(S)], batch_size)
         members, ls = run(model, members, data, sched, keys=keys, aux=aux,
                           optimizer=optimizer, dtype=dtype, strategy=strategy,
                           augment=augment, epoch=e)
