@@ -130,45 +130,6 @@ def augmentation(cfg: TrainConfig):
     return augment_lib.engine_augment
 
 
-def make_step(apply, opt: optax.GradientTransformation, l2: float):
-    """One optimiser step on a weighted minibatch (pure). Legacy: only ``unlearn/sisa.py``
-    still builds its own step; it goes when SISA runs on the engine."""
-
-    def step(params, opt_state, xb, yb, wb):
-        loss, g = jax.value_and_grad(lambda p: objective(apply, p, xb, yb, wb, l2))(params)
-        updates, opt_state = opt.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
-
-
-class _Compiled(NamedTuple):
-    step: Any
-    epoch: Any
-
-
-_LEGACY: dict = {}
-
-
-def _compiled(model: Model, cfg: TrainConfig) -> _Compiled:
-    """Legacy single-model step/epoch for ``sisa.train_loop``; goes with the SISA port."""
-    k = (engine.model_key(model), cfg.optimizer, cfg.lr, cfg.l2)
-    if k not in _LEGACY:
-        step = make_step(model.apply, make_optimizer(cfg), cfg.l2)
-
-        def epoch(params, opt_state, x, y, w, idx, msk):
-            def body(carry, b):
-                i, m = b
-                p, s, loss = step(*carry, x[i], y[i], w[i] * m)
-                return (p, s), loss
-
-            (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (idx, msk))
-            return params, opt_state, losses
-
-        _LEGACY[k] = _Compiled(jax.jit(step), jax.jit(epoch))
-    return _LEGACY[k]
-
-
 # ----------------------------------------------------------------------------- fit
 
 
