@@ -58,7 +58,7 @@ class Dataset:
 
     def positions(self, ids: Sequence[str] | np.ndarray, *, argname: str = "forget_ids"):
         """Row positions of ``ids``; unknown, duplicate or empty requests are errors."""
-        ids = np.asarray(ids, dtype=str).reshape(-1)
+        ids = as_ids(ids, argname)
         if ids.size == 0:
             raise ValueError(f"{argname} is empty: name at least one example id to forget.")
         uniq, counts = np.unique(ids, return_counts=True)
@@ -222,6 +222,12 @@ def load(
     if name.startswith("folder:") or (os.path.isdir(name) and not name.startswith("tfds:")):
         root = name.removeprefix("folder:")
         return split(image_folder(root, **kwargs), test_fraction=test_fraction, seed=seed)
+    if not name.startswith("tfds:") and (name.startswith(("/", "~", "."))
+                                         or os.path.exists(name)):
+        raise FileNotFoundError(
+            f"data={name!r} looks like a path but is not an image folder (root/<class>/<file>) "
+            f"that exists; pass folder:PATH with PATH an existing directory, or a dataset name "
+            f"(digits, mnist1d, a TFDS name).")
     return tfds_split(name.removeprefix("tfds:"), data_dir=data_dir, download=download,
                       normalize=normalize, **kwargs)
 
@@ -379,28 +385,41 @@ def image_folder(
     """Images under ``root/<class>/<file>``; ids are file names relative to ``root``.
 
     Classes are the sorted sub-folder names; pixels scaled to [0, 1], resized to ``size``.
+    Hidden entries (names starting with ``.``, e.g. ``.ipynb_checkpoints``, ``.DS_Store``) are
+    not data and are skipped; files without an image suffix are skipped. A class folder with no
+    images or an image that cannot be decoded is an error naming it.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     root_p = Path(root)
     if not root_p.is_dir():
         raise FileNotFoundError(f"image folder root={root!r} does not exist.")
-    classes = sorted(p.name for p in root_p.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in root_p.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"root={root!r} has no class sub-folders (expected root/<class>/<file>).")
     xs, ys, ids = [], [], []
     for c, cname in enumerate(classes):
-        for f in sorted((root_p / cname).iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            with Image.open(f) as im:
-                im = im.convert("L" if grayscale else "RGB").resize(size)
-                arr = np.asarray(im, dtype=np.float32) / 255.0
+        files = [f for f in sorted((root_p / cname).iterdir())
+                 if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+                 and f.is_file()]
+        if not files:
+            raise ValueError(
+                f"class folder {root_p / cname} holds no images ({'/'.join(IMAGE_SUFFIXES)}): "
+                "add images or remove the folder (every sub-folder of root is a class)."
+            )
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("L" if grayscale else "RGB").resize(size)
+                    arr = np.asarray(im, dtype=np.float32) / 255.0
+            except (UnidentifiedImageError, OSError) as e:
+                raise ValueError(
+                    f"image file {f} cannot be read ({type(e).__name__}: {e}); re-save it as a "
+                    "valid image or move it out of the folder."
+                ) from e
             xs.append(arr[..., None] if grayscale else arr)
             ys.append(c)
             ids.append(f"{cname}/{f.name}")
-    if not xs:
-        raise ValueError(f"no images with suffix {IMAGE_SUFFIXES} under root={root!r}.")
     ds = make(np.stack(xs), np.array(ys), num_classes=len(classes),
               ids=ids, name=f"folder:{root_p.name}")
     object.__setattr__(ds, "classes", classes)
@@ -485,9 +504,27 @@ def select_forget(
             raise ValueError(f"class cls={cls} has no examples in {ds.name!r}.")
         return out
     if kind == "ids":
-        ds.positions(ids if ids is not None else [])
-        return np.asarray(ids, dtype=str)
+        ds.positions(ids if ids is not None else [], argname="ids")
+        return as_ids(ids, "ids")
     raise ValueError(f"kind must be 'random', 'class' or 'ids', got {kind!r}.")
+
+
+def as_ids(ids, argname: str = "ids") -> np.ndarray:
+    """``ids`` as a 1-d array of strings; an element of another type (an integer position, a
+    float) is an error, never converted with ``str``."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"{argname} must be a list of id strings, not one string {ids!r}.")
+    arr = np.asarray(ids if ids is not None else [], dtype=object).reshape(-1)
+    if arr.dtype.kind in "US":
+        return arr.astype(str)
+    wrong = [v for v in arr.tolist() if not isinstance(v, (str, np.str_))]
+    if wrong:
+        raise TypeError(
+            f"{argname} holds {type(wrong[0]).__name__} values {wrong[:10]}; ids are strings "
+            f"(a file name, a TFDS key, or a row index as text such as '2'), never positions: "
+            f"pass them as strings."
+        )
+    return arr.astype(str)
 
 
 def stable_hash(ids: np.ndarray) -> np.ndarray:

@@ -319,6 +319,8 @@ def from_spec(spec: Spec) -> Model:
         return _wrap(_ResNet18(**kw), spec, has_conv=True, has_state=True)
     if name == "resnet9":
         return _wrap(_ResNet9(**kw), spec, has_conv=True, has_state=True)
+    if name == "binary_logreg":
+        return _wrap(_BinaryLogistic(), spec, convex=True)
     raise ValueError(f"model={name!r} is unknown; choose one of {sorted(REGISTRY)}.")
 
 
@@ -385,3 +387,34 @@ def make(name: str, num_classes: int, **kwargs) -> Model:
 def num_params(variables: Mapping[str, Any]) -> int:
     """Number of trainable parameters (the ``params`` collection only)."""
     return sum(int(a.size) for a in jax.tree.leaves(split_variables(variables)[0]))
+
+
+# ----------------------------------------------------------------------------- binary logistic
+
+
+class _BinaryLogistic(nn.Module):
+    """One linear score ``z = wᵀx + b`` returned as the two logits ``[0, z]``."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape((x.shape[0], -1))
+        z = nn.Dense(1)(x)
+        return jnp.concatenate([jnp.zeros_like(z), z], axis=-1)
+
+
+def binary_logreg(num_classes: int = 2) -> Model:
+    r"""Binary logistic regression: :math:`P(y=1\mid x) = \sigma(z)`, :math:`z = w^\top x + b`.
+
+    The logits are :math:`[0, z]`, so the project's one softmax cross-entropy of them is exactly
+    the logistic loss :math:`\log(1 + e^{-\tilde y z})` (:math:`\tilde y = 2y - 1`) and accuracy
+    and ``argmax`` work unchanged. Params: a ``(d, 1)`` kernel and a ``(1,)`` bias (p = d + 1);
+    ``unlearn.curvature.binary_logistic_hessian`` is its closed-form Hessian. Used by Koh & Liang
+    (2017) and Guo et al. (2020) on MNIST class pairs.
+    """
+    if num_classes != 2:
+        raise ValueError(f"binary_logreg needs num_classes=2, got {num_classes}; use "
+                         "models.logreg for softmax regression over more classes.")
+    return from_spec(_spec("binary_logreg"))
+
+
+REGISTRY["binary_logreg"] = binary_logreg

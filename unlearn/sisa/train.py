@@ -26,7 +26,15 @@ import numpy as np
 from unlearn import engine
 from unlearn.data import Dataset, stable_hash
 from unlearn.models import Model
-from unlearn.sisa.plan import _SALT_INIT, Layout, Plan, make_layout, slice_epochs
+from unlearn.sisa.plan import (
+    _SALT_INIT,
+    Layout,
+    Plan,
+    check_config,
+    check_model,
+    make_layout,
+    slice_epochs,
+)
 from unlearn.train import TrainConfig, augmentation, bucket, cast, key_seed
 
 Params = Any
@@ -223,6 +231,7 @@ def train(model: Model, ds: Dataset, cfg: TrainConfig, plan: Plan, key: jax.Arra
     if cfg.solver != "sgd":
         raise ValueError(f"solver={cfg.solver!r}: SISA trains with minibatch SGD; "
                          "pass TrainConfig(solver='sgd').")
+    check_config(cfg), check_model(model, ds, cfg.dtype)  # clear errors before any compile
     if layout is None:
         layout = make_layout(plan, ds, key)
     alive = np.ones(len(ds), bool) if weights is None else np.asarray(weights) > 0
