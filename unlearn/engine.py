@@ -517,9 +517,10 @@ class Data(NamedTuple):
 
 
 def hash32(ids_hash: np.ndarray) -> jax.Array:
-    """The low 32 bits of 64-bit id hashes, as a device array (JAX's default integer width)."""
-    return jnp.asarray((np.asarray(ids_hash, np.uint64) & np.uint64(0xFFFFFFFF))
-                       .astype(np.uint32))
+    """64-bit id hashes folded to 32 bits (:func:`unlearn.augment.hash32`), on the device."""
+    from unlearn.augment import hash32 as fold
+
+    return jnp.asarray(fold(np.asarray(ids_hash, np.uint64)))
 
 
 def device_data(x, y, ids_hash: np.ndarray | None, dtype: str) -> Data:
