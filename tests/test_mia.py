@@ -286,6 +286,24 @@ def test_mia_auc_retrain_vs_nothing(overfit):
     assert kit_n > kit_r + 0.2, (kit_n, kit_r)
 
 
+def test_mia_efficacy_retrain_vs_original(overfit):
+    # An overfit MLP (train acc 100 %): the original model's forget examples look like members
+    # (low efficacy); the retrained model's look like unseen examples, so its efficacy matches
+    # the attack's non-member rate on held-out test examples (its UA-matched expectation).
+    problem, split, trained, ids = overfit
+    tr = problem.train
+    forget, retain = tr.subset(tr.positions(ids)), tr.without(ids)
+    out = {}
+    for m in (methods.get("retrain"), nothing()):
+        res, _ = m.forget(m.prepare(problem, trained), ids, jax.random.key(1))
+        out[m.name] = (mia.mia_efficacy_of(res.logits, retain, split.test, forget)["MIA-efficacy"],
+                       mia.mia_efficacy_expected(res.logits, retain, split.test))
+    (eff_r, exp_r), (eff_n, _) = out["retrain"], out["nothing"]
+    # 40 forget examples: binomial s.d. of a rate near 0.5 is ≈ 8 points; allow 2.5 s.d.
+    assert abs(eff_r - exp_r) < 20, out
+    assert eff_r - eff_n > 30, out
+
+
 def test_forgetting_score_retrain_beats_nothing_fast(overfit):
     problem, split, _, ids = overfit
     kw = dict(n_models=16, key=jax.random.key(5))

@@ -7,6 +7,8 @@
   logistic regression on the per-example loss, forget (label 1) vs test (label 0), the larger
   set subsampled to the smaller's size, scored by stratified k-fold cross-validation
   (accuracy and AUC, mean over folds).
+* :func:`mia_efficacy` — MIA-efficacy (Jia et al. 2023; Song & Mittal 2021's SVC attack):
+  shadow-free SVCs on retained (member) vs test (non-member) outputs, applied to the forget set.
 * :func:`ulira` — U-LiRA (Hayes et al. 2024, "Inexact unlearning needs more careful
   evaluations to avoid a false sense of privacy"): a per-example likelihood-ratio attack whose
   shadow models are *unlearned* with the method under test, against shadows retrained without
@@ -113,6 +115,105 @@ def forget_test_losses(logits_fn, forget: Dataset, test: Dataset) -> tuple[np.nd
     """Per-example losses of a model on the forget and test sets."""
     return (example_losses(predict_logits(logits_fn, forget.x), forget.y),
             example_losses(predict_logits(logits_fn, test.x), test.y))
+
+
+# ----------------------------------------------------------------------------- MIA-efficacy
+
+MIA_FEATURES = ("correctness", "confidence", "entropy", "m_entropy", "prob")
+MIA_HEADLINE = "confidence"
+_LOG_FLOOR = 1e-30
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64."""
+    return np.exp(log_softmax(np.asarray(logits, np.float64)))
+
+
+def mia_features(probs: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """The five per-example features of Song & Mittal 2021 ("Systematic evaluation of privacy
+    risks of machine learning models", USENIX Security), as used by Jia et al. 2023:
+
+    * correctness 1[argmax p = y]; confidence p_y; entropy −Σ_k p_k log p_k;
+    * modified entropy Mentr = −(1 − p_y) log p_y − Σ_{k≠y} p_k log(1 − p_k) (Song & Mittal
+      Eq. 4; logs floored at 1e-30 as in Jia et al.'s code);
+    * prob: the whole probability vector.
+    Each is an (n, d) array (d = 1 except prob)."""
+    p = np.asarray(probs, np.float64)
+    y = np.asarray(y)
+    rows = np.arange(len(y))
+    py = p[rows, y]
+    log = lambda v: np.log(np.maximum(v, _LOG_FLOOR))  # noqa: E731
+    ent = -np.sum(np.where(p > 0, p * log(p), 0.0), axis=1)
+    other = p * log(1 - p)
+    other[rows, y] = 0.0
+    m_ent = -(1 - py) * log(py) - other.sum(1)
+    return {"correctness": (np.argmax(p, 1) == y).astype(np.float64)[:, None],
+            "confidence": py[:, None], "entropy": ent[:, None], "m_entropy": m_ent[:, None],
+            "prob": p}
+
+
+def mia_efficacy(logits_shadow_in: np.ndarray, y_shadow_in: np.ndarray,
+                 logits_shadow_out: np.ndarray, y_shadow_out: np.ndarray,
+                 logits_forget: np.ndarray, y_forget: np.ndarray) -> dict[str, float]:
+    """MIA-efficacy (Jia et al. 2023, Sec. 5.1 and App. C.3; Song & Mittal 2021's SVC attack).
+
+    Shadow-free: for each feature of :func:`mia_features`, a scikit-learn
+    ``SVC(C=3, gamma="auto", kernel="rbf")`` is trained on the unlearned model's outputs for
+    retained examples (members, label 1; Jia et al. take |test| of them) vs test examples
+    (non-members, label 0), then applied to the forget set; MIA-efficacy is the percentage of
+    forget examples predicted *non-member* (higher = more forgotten; retraining gives roughly
+    the rate at which the attack calls unseen examples non-members). The headline value
+    ``"MIA-efficacy"`` is the confidence feature's, as reported by Jia et al. and Fan et al.
+    (SalUn); all five are returned as ``"MIA-<feature>"``.
+
+    Difference from the l1-sparse code (OPTML-Group/Unlearn-Sparse, evaluation/SVC_MIA.py): its
+    ``m_entropy`` indexes whole columns (``p[:, labels]``) and takes log p for log(1 − p);
+    here it is Song & Mittal's definition.
+    """
+    from sklearn.svm import SVC
+
+    if min(len(y_shadow_in), len(y_shadow_out), len(y_forget)) == 0:
+        raise ValueError("mia_efficacy needs non-empty retained (member), test (non-member) "
+                         "and forget sets.")
+    fi = mia_features(softmax(logits_shadow_in), y_shadow_in)
+    fo = mia_features(softmax(logits_shadow_out), y_shadow_out)
+    ff = mia_features(softmax(logits_forget), y_forget)
+    out = {}
+    for name in MIA_FEATURES:
+        x = np.concatenate([fi[name], fo[name]])
+        lab = np.r_[np.ones(len(fi[name])), np.zeros(len(fo[name]))]
+        clf = SVC(C=3, gamma="auto", kernel="rbf").fit(x, lab)
+        out[f"MIA-{name}"] = 100.0 * float(1.0 - clf.predict(ff[name]).mean())
+    out["MIA-efficacy"] = out[f"MIA-{MIA_HEADLINE}"]
+    return out
+
+
+def mia_efficacy_of(logits_fn, retain: Dataset, test: Dataset, forget: Dataset) -> dict:
+    """:func:`mia_efficacy` of a model: members = the first |test| retained examples (in
+    dataset order, as Jia et al.'s ``Subset(retain, range(len(test)))``), non-members = test."""
+    shadow = retain.subset(np.arange(min(len(retain), len(test))))
+    return mia_efficacy(predict_logits(logits_fn, shadow.x), shadow.y,
+                        predict_logits(logits_fn, test.x), test.y,
+                        predict_logits(logits_fn, forget.x), forget.y)
+
+
+def mia_efficacy_expected(logits_fn, retain: Dataset, test: Dataset, *,
+                          seed: int = 0) -> float:
+    """The MIA-efficacy an exact unlearner should get (the "UA-matched expectation"): to a model
+    retrained without D_f, forget examples are unseen like test examples, so the attack should
+    call them non-member at the rate it calls *held-out* test examples non-member. Measured by
+    2-fold cross-fitting over a seeded split of the test set (each half scored by the
+    confidence-feature SVC trained on the members and the other half); percent."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(test))
+    halves = (perm[: len(test) // 2], perm[len(test) // 2:])
+    shadow = retain.subset(np.arange(min(len(retain), len(test) // 2)))
+    zs, zt = predict_logits(logits_fn, shadow.x), predict_logits(logits_fn, test.x)
+    rates = []
+    for a, b in (halves, halves[::-1]):
+        r = mia_efficacy(zs, shadow.y, zt[a], test.y[a], zt[b], test.y[b])
+        rates.append((r["MIA-efficacy"], len(b)))
+    return float(sum(v * n for v, n in rates) / sum(n for _, n in rates))
 
 
 # ----------------------------------------------------------------------------- ensembles
