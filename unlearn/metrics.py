@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.flatten_util import ravel_pytree
 
 from unlearn.data import Dataset
@@ -183,10 +184,19 @@ def klom(unlearned_margins: np.ndarray, oracle_margins: np.ndarray) -> np.ndarra
 
 @functools.cache
 def _relearn_step(apply: Callable, optimizer: str, lr: float):
-    from unlearn.train import TrainConfig, make_optimizer, make_step
+    """One jitted optimiser step of plain cross-entropy on a batch (a relearning probe, not a
+    trainer: it stops as soon as the accuracy is back, which the engine's epochs cannot)."""
+    from unlearn.engine import make_optimizer
+    from unlearn.objective import objective
 
-    opt = make_optimizer(TrainConfig(optimizer=optimizer, lr=lr))
-    return jax.jit(make_step(apply, opt, 0.0)), opt
+    opt = make_optimizer(optimizer, lr)
+
+    def step(params, state, x, y, w):
+        loss, g = jax.value_and_grad(lambda p: objective(apply, p, x, y, w, 0.0))(params)
+        updates, state = opt.update(g, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    return jax.jit(step), opt
 
 
 def relearn_time(apply: Callable, params: Any, forget: Dataset, target_acc: float, *,
