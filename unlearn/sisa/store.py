@@ -615,15 +615,20 @@ def create(root: str | Path, *, data: str, model: str = "mlp", shards: int = 4, 
     check_config(tc)
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"{root} is a file; pass a directory for the model.")
+    taken = (root / LEDGER, root / CONFIG, root / CURRENT)
+    if any(p.exists() for p in taken):
+        raise FileExistsError(f"{root} already holds a SISA model; pick a new directory or "
+                              "delete it first.")
+    # everything that can be wrong with the input is found before the directory is made
+    split = data_lib.load(data, seed=seed, test_fraction=test_fraction)
+    ds = split.train
+    m = models_lib.make(model, ds.num_classes, **(model_kwargs or {}))
+    check_model(m, ds, tc.dtype)
     root.mkdir(parents=True, exist_ok=True)
     with write_lock(root, "train", lock_timeout):
-        if (root / LEDGER).exists() or (root / CONFIG).exists() or (root / CURRENT).exists():
-            raise FileExistsError(f"{root} already holds a SISA model; pick a new directory or "
-                                  "delete it first.")
-        split = data_lib.load(data, seed=seed, test_fraction=test_fraction)
-        ds = split.train
-        m = models_lib.make(model, ds.num_classes, **(model_kwargs or {}))
-        check_model(m, ds, tc.dtype)
+        if any(p.exists() for p in taken):
+            raise FileExistsError(f"{root} already holds a SISA model (written by another "
+                                  "process meanwhile); pick a new directory.")
         state = train(m, ds, tc, plan, jax.random.key(seed))
         check_finite(state.ckpts)
         cfgd = {"format": FORMAT, "data": data, "model": model, "model_kwargs": model_kwargs or {},
@@ -845,18 +850,19 @@ def verify(root: str | Path) -> dict:
     while any(segs.values()):
         heads = {s: seg[0] for s, seg in segs.items() if seg}
         for k in sorted({h[2] for h in heads.values()}):
-            group = [s for s, h in heads.items() if h[2] == k]
-            others = [s for s in range(S) if s not in group]
-            pad = (others * k)[: max(0, k - len(group))] if others else [group[0]] * (
-                k - len(group))
-            sh = np.array(group + pad)
-            st = np.array([heads[s][0] - 1 for s in group] + [R] * len(pad))
-            ck, _ = _run_stages(state._replace(ckpts=ref, mesh=None), sh, st, x, y)
-            for s in group:
-                a, b, _ = heads[s]
-                ref = jax.tree.map(lambda dst, src, s=s, a=a, b=b: _put(dst, src, s, a, b),
-                                   ref, ck)
-                segs[s] = segs[s][1:]
+            same_k = [s for s, h in heads.items() if h[2] == k]
+            for c in range(0, len(same_k), k):  # a k-slot program holds at most k shards
+                group = same_k[c: c + k]
+                others = [s for s in range(S) if s not in group] or group[:1]
+                pad = (others * k)[: k - len(group)]
+                sh = np.array(group + pad)
+                st = np.array([heads[s][0] - 1 for s in group] + [R] * len(pad))
+                ck, _ = _run_stages(state._replace(ckpts=ref, mesh=None), sh, st, x, y)
+                for s in group:
+                    a, b, _ = heads[s]
+                    ref = jax.tree.map(lambda dst, src, s=s, a=a, b=b: _put(dst, src, s, a, b),
+                                       ref, ck)
+                    segs[s] = segs[s][1:]
     diff = 0.0
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(state.ckpts), strict=True):
         a, b = np.asarray(a)[:, check], np.asarray(b)[:, check]
