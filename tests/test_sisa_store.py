@@ -169,7 +169,7 @@ def test_forget_purges_everything_trained_on_forgotten_data(model_dir, capsys):
     assert len(sisa.read_ledger(model_dir)) == 3
 
 
-def test_verify_float32_exact_after_five_chained_requests(model_dir):
+def test_verify_float32_exact_after_five_chained_requests(model_dir, monkeypatch):
     names = _trained_names(model_dir)
     lay = np.load(model_dir / "layout.npz")
     sh = dict(zip(lay["ids"].astype(str).tolist(), lay["shard"].tolist(), strict=True))
@@ -178,7 +178,23 @@ def test_verify_float32_exact_after_five_chained_requests(model_dir):
                 [by[1][2], by[0][2]]]  # 1, 2, 3, 1 and 2 shards: programs of 1, 2 and 4 slots
     for r in requests:
         assert not store.forget_persistent(model_dir, r)["noop"]
+    sisa_train = sys.modules["unlearn.sisa.train"]  # the module (``sisa.train`` is a function)
+    calls, real = [], sisa_train._run_stages
+    units = store.open_dir(model_dir).manifest["units"]
+
+    def spy(state, shards, start, x, y):
+        # the slot counts recorded for the first checkpoint each real slot reproduces
+        want = {units[r + 1][s]["slots"] for s, r in zip(shards.tolist(), start.tolist(),
+                                                         strict=True) if r < state.plan.slices}
+        calls.append((len(shards), want))
+        return real(state, shards, start, x, y)
+
+    monkeypatch.setattr(sisa_train, "_run_stages", spy)
     res = sisa.verify(model_dir)
+    # each program has exactly the slot count recorded for the checkpoints it reproduces (XLA
+    # CPU results depend on it: measured 3e-8 between 1- and 8-slot programs)
+    assert calls and all(want == {n} for n, want in calls)
+    assert {n for n, _ in calls} >= {1, 2}
     assert res["ok"] and res["max_abs_diff"] == 0.0 and res["units_checked"] == 9
     assert res["version"] == 5 and res["missing_retained"] == []
     # a model that is NOT the retrained one is caught: serve another unit in one slot
