@@ -170,12 +170,15 @@ def test_forget_purges_everything_trained_on_forgotten_data(model_dir, capsys):
 
 
 def test_verify_float32_exact_after_five_chained_requests(model_dir, monkeypatch):
-    names = _trained_names(model_dir)
     lay = np.load(model_dir / "layout.npz")
-    sh = dict(zip(lay["ids"].astype(str).tolist(), lay["shard"].tolist(), strict=True))
-    by = {s: [i for i in names if sh[i] == s] for s in range(3)}
-    requests = [[by[0][0]], [by[1][0], by[2][0]], [by[0][1], by[1][1], by[2][1]], [by[2][2]],
-                [by[1][2], by[0][2]]]  # 1, 2, 3, 1 and 2 shards: programs of 1, 2 and 4 slots
+    rows = list(zip(lay["ids"].astype(str).tolist(), lay["shard"].tolist(),
+                    lay["slice"].tolist(), strict=True))
+    by = {(s, r): [i for i, s_, r_ in rows if (s_, r_) == (s, r)] for s in range(3)
+          for r in range(2)}
+    # one 3-shard request (4 slots), three 1-shard requests from slice 0 (each rewrites a whole
+    # shard with a 1-slot program), one 2-shard request from slice 1 (2 slots)
+    requests = [[by[0, 1][0], by[1, 1][0], by[2, 1][0]], [by[0, 0][0]], [by[1, 0][0]],
+                [by[2, 0][0]], [by[0, 1][1], by[1, 1][1]]]
     for r in requests:
         assert not store.forget_persistent(model_dir, r)["noop"]
     sisa_train = sys.modules["unlearn.sisa.train"]  # the module (``sisa.train`` is a function)
