@@ -295,12 +295,12 @@ def test_concurrent_forgets_in_subprocesses(model_dir, n):
 
 def test_torn_and_malformed_ledger_lines(model_dir):
     led = model_dir / "ledger.jsonl"
-    good = led.read_bytes()
     with open(led, "ab") as f:
         f.write(b'{"request": 1, "op": "forget", "ver')  # a crash mid-append
     assert sisa.status(model_dir)["version"] == 0
     assert not store.forget_persistent(model_dir, [_trained_names(model_dir)[0]])["noop"]
     assert [e["request"] for e in sisa.read_ledger(model_dir)] == [0, 1]
+    good = led.read_bytes()
     for bad, match in ((b'{"request": 1, "op": "forget"}\n', "wrong shape"),
                        (b"[1, 2]\n", "not a JSON object"), (b"garbage\n", "not JSON"),
                        (b'{"request": 7, "op": "forget", "version": 7, "ids": [], "digest": "x",'
@@ -309,6 +309,11 @@ def test_torn_and_malformed_ledger_lines(model_dir):
         with pytest.raises(sisa.ModelDirError, match=match):
             sisa.status(model_dir)
         assert sisa.cli(["forget", str(model_dir), "--ids", "x"]) == 2
+    led.write_bytes(good)
+    man = next((model_dir / "versions").iterdir())
+    man.write_text("garbage")  # the version pointer / manifest
+    with pytest.raises(sisa.ModelDirError, match="v000001.json .* is missing or corrupt"):
+        sisa.status(model_dir)
     (model_dir / "ledger.jsonl").unlink()
     (model_dir / "CURRENT").write_text("garbage\n")  # a directory of the old format
     with pytest.raises(sisa.ModelDirError, match="older version"):
