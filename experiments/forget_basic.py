@@ -29,19 +29,32 @@ CONFIGS = {
                          seeds=(0,), epochs=10, lr=1e-3, batch_size=128, l2=1e-4)
        for n in ("mnist", "fashion_mnist", "cifar10")},
 }
+# Accuracies of float32-trained MLPs (absolute 0.01: a prediction may flip across CPUs); the
+# KL between them with the float32 relative tolerance; the forget-set ids exactly.
+HEADLINES = {
+    "retrain_test_acc": ("results.summary.retrain.test_acc.mean", "accuracy"),
+    "finetune_test_acc": ("results.summary.finetune.test_acc.mean", "accuracy"),
+    "finetune_forget_acc": ("results.summary.finetune.forget_acc.mean", "accuracy"),
+    "finetune_kl_test": ("results.summary.finetune.kl_test.mean", "float32"),
+    "forget_ids": ("results.forget_ids", "exact"),
+}
 SHOW = ("retain_acc", "forget_acc", "test_acc", "kl_test", "rel_distance", "time", "speedup")
 
 
-def run(*, dataset, model, methods, fraction, seeds, epochs, lr, batch_size, l2) -> dict:
+def run(*, dataset, model, methods, fraction, seeds, epochs, lr, batch_size, l2,
+        progress=None) -> dict:
     """Per seed: train, forget a random ``fraction``, evaluate every method vs retrain."""
-    per_seed = []
+    progress = progress or runner.no_progress
+    per_seed, forget_ids = [], []
     for seed in seeds:
+        progress(f"seed {seed}: train, forget, evaluate")
         problem, split = default_problem(dataset, model, seed=seed, epochs=epochs, lr=lr,
                                          batch_size=batch_size, l2=l2)
         ids = data.select_forget(problem.train, kind="random", fraction=fraction, seed=seed)
+        forget_ids.append(ids.tolist())
         out = evaluate(problem, split, ids, list(methods), jax.random.key(seed + 1000))
         per_seed.append(out["rows"])
-    return {"per_seed": per_seed, "summary": summarize(per_seed)}
+    return {"per_seed": per_seed, "summary": summarize(per_seed), "forget_ids": forget_ids}
 
 
 def summarize(per_seed: list[dict]) -> dict:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from unlearn import certified, data, models, train
+from unlearn.methods.certified import certified as certified_method
 from unlearn.metrics import flat
 
 
@@ -41,7 +42,7 @@ def test_budget_formula_and_bad_input():
         with pytest.raises(ValueError, match=next(iter(kw))):
             certified.budget(**args)
     with pytest.raises(ValueError, match="bound="):
-        certified.certified(bound="median")
+        certified_method(bound="median")
 
 
 def test_softmax_hessian_lipschitz_constant():
@@ -71,7 +72,7 @@ def test_perturbed_training_reaches_the_perturbed_optimum(small):
 @pytest.mark.parametrize("m", [1, 5, 20])
 def test_residual_below_data_bound_below_worst_case(small, m):
     problem, trained = small
-    u = certified.certified(epsilon=1e6, sigma=1.0)  # a budget that never triggers a retrain
+    u = certified_method(epsilon=1e6, sigma=1.0)  # a budget that never triggers a retrain
     state = u.prepare(problem, trained)
     ids = data.select_forget(problem.train, count=m, seed=m)
     res, state2 = u.forget(state, ids, jax.random.key(0))
@@ -91,14 +92,14 @@ def test_residual_below_data_bound_below_worst_case(small, m):
 def test_budget_spent_triggers_retrain(small):
     problem, trained = small
     # Calibrate: the budget allows the first removal of 3 points but not the second.
-    probe = certified.certified(epsilon=1e6, sigma=1.0)
+    probe = certified_method(epsilon=1e6, sigma=1.0)
     st = probe.prepare(problem, trained)
     ids = problem.train.ids
     r1, st1 = probe.forget(st, ids[:3], jax.random.key(0))
     r2, _ = probe.forget(st1, ids[3:6], jax.random.key(0))
     c = math.sqrt(2 * math.log(1.5 / 1e-4))
     target = st1.beta + 0.5 * r2.stats["data_bound"]
-    u = certified.certified(epsilon=target * c / 1.0, delta=1e-4, sigma=1.0)
+    u = certified_method(epsilon=target * c / 1.0, delta=1e-4, sigma=1.0)
     state = u.prepare(problem, trained)
     a, state = u.forget(state, ids[:3], jax.random.key(0))
     assert not a.stats["retrained"] and state.retrains == 0
@@ -120,4 +121,4 @@ def test_certified_refuses_nonconvex():
     problem = train.Problem(models.mlp(10, (4,)), tr, train.TrainConfig(), jax.random.key(0))
     fit = train.Fit(train.init_params(problem.model, tr, problem.key), {})
     with pytest.raises(ValueError, match="strictly convex"):
-        certified.certified().prepare(problem, fit)
+        certified_method().prepare(problem, fit)

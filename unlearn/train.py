@@ -1,6 +1,6 @@
 """Deterministic training of the regularised objective, and the retrain oracle.
 
-The objective (DESIGN.md "Core shapes") is
+The objective (:mod:`unlearn.objective`; docs/architecture.md) is
 
     L(θ; D, w) = Σ_i w_i ℓ(f_θ(x_i), y_i) / max(Σ_i w_i, 1) + (λ/2) ‖θ‖²
 
@@ -10,13 +10,13 @@ the training code path.
 
 Two trainers:
 
-* ``solver="sgd"``: optax minibatch training. The order of examples in epoch ``e`` is a
-  function of ``(key, e)`` and the **ids present** only (each id gets a pseudo-random priority
-  from a hash of the id, the key and the epoch; rows sort by priority), so removing ids leaves
-  the relative order of the others unchanged. Batches are padded with zero weights to a fixed
-  batch size. Per epoch the steps run either as one jitted ``lax.scan`` (dense models) or as a
-  Python loop of jitted steps (convolutions on CPU, where XLA runs a conv inside a loop ~20×
-  slower; see ``benchmarks/train_epoch.py``).
+* ``solver="sgd"``: optax minibatch training through the one engine (:mod:`unlearn.engine`,
+  one member). The order of examples in epoch ``e`` is a function of ``(key, e)`` and the
+  **ids present** only (:func:`unlearn.engine.epoch_order`), so removing ids leaves the
+  relative order of the others unchanged. Batches are padded with zero weights to a fixed
+  batch size. The engine's strategy (``scan`` for dense models, a ``loop`` of jitted steps for
+  convolutions on CPU) is chosen by measurement (``benchmarks/train_epoch.py``).
+  :func:`train_grid` trains a grid of learning rates / weight decays as one ensemble.
 * ``solver="lbfgs"``: full-batch optax L-BFGS inside one ``lax.while_loop`` until
   ‖∇L‖ ≤ ``tol`` — the exact oracle for convex models (use float64).
 """
@@ -26,30 +26,47 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
+from unlearn import augment as augment_lib
+from unlearn import engine
 from unlearn.data import Dataset, stable_hash
+from unlearn.engine import (  # noqa: F401 (the data-order rule lives in the engine; re-exported)
+    batch_indices,
+    bucket,
+    cast,
+    epoch_order,
+    key_seed,
+)
 from unlearn.models import Model
 from unlearn.objective import example_losses, l2_norm_sq, objective  # noqa: F401 (re-exported)
 
 Params = Any
+SOLVERS = ("sgd", "lbfgs")
+DTYPES = ("float32", "float64")
+AUGMENTATIONS = ("none", "crop_flip", "crop_flip_reflect")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Hyperparameters of one training run (all keyword arguments of :func:`fit`).
 
-    solver: ``sgd`` (optax minibatches) or ``lbfgs`` (full batch, to ``tol``).
+    solver: ``sgd`` (optax minibatches through the engine) or ``lbfgs`` (full batch, to ``tol``).
     optimizer: optax optimizer name for ``sgd`` (``adam``, ``sgd``, ``momentum``).
-    strategy: per-epoch loop for ``sgd``: ``scan``, ``loop`` or ``auto`` (loop for conv models
-      on CPU, scan otherwise).
+    strategy: the engine's epoch strategy: ``auto``, ``scan``, ``loop`` or ``vmap``
+      (:func:`unlearn.engine.resolve_strategy`).
     dtype: ``float32`` or ``float64`` (the latter needs ``jax_enable_x64``).
+    augment: ``none``, ``crop_flip`` (4-pixel zero padding, random crop, horizontal flip: the
+      CIFAR ResNet-18 recipe) or ``crop_flip_reflect`` (reflection padding: DAWNBench
+      ResNet-9), keyed on (key, epoch, id) (:mod:`unlearn.augment`); image inputs only.
+
+    Invalid values raise ``ValueError`` naming the field at construction.
     """
 
     solver: str = "sgd"
@@ -63,6 +80,26 @@ class TrainConfig:
     strategy: str = "auto"
     dtype: str = "float32"
     progress: bool = False
+    augment: str = "none"
+
+    def __post_init__(self):
+        choices = {"solver": SOLVERS, "optimizer": engine.OPTIMIZERS,
+                   "strategy": engine.STRATEGIES, "dtype": DTYPES, "augment": AUGMENTATIONS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is unknown: "
+                                 f"choose one of {allowed}.")
+        for name in ("epochs", "batch_size", "max_iter"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v <= 0:
+                raise ValueError(f"TrainConfig.{name}={v!r}: pass a positive integer.")
+        for name, low in (("lr", "> 0"), ("tol", "> 0"), ("l2", "≥ 0")):
+            v = getattr(self, name)
+            ok = isinstance(v, int | float | np.floating) and not isinstance(v, bool) \
+                and math.isfinite(v) and (v > 0 if low == "> 0" else v >= 0)
+            if not ok:
+                raise ValueError(f"TrainConfig.{name}={v!r}: pass a finite number {low} "
+                                 "(e.g. lr=1e-3).")
 
 
 class Fit(NamedTuple):
@@ -72,140 +109,44 @@ class Fit(NamedTuple):
     info: dict
 
 
-# ----------------------------------------------------------------------------- objective
-
-
-# ----------------------------------------------------------------------------- data order
-
-
-def key_seed(key: jax.Array) -> int:
-    """A Python int derived from a JAX key (typed or raw)."""
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    data = np.asarray(data, dtype=np.uint64).reshape(-1)
-    out = 0
-    for v in data.tolist():
-        out = (out * 0x9E3779B97F4A7C15 + int(v)) % (1 << 64)
-    return out
-
-
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        z = z + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def epoch_order(id_hashes: np.ndarray, seed: int, epoch: int, *salt: int) -> np.ndarray:
-    """Positions of the given examples sorted by a priority that depends only on
-    ``(seed, epoch, *salt)`` and each example's id hash.
-
-    Dropping examples leaves the relative order of the rest unchanged, which is what makes
-    retraining without U (and SISA's forget) reproduce training on D∖U exactly.
-    """
-    s = np.uint64(seed % (1 << 64))
-    for v in (epoch, *salt):
-        s = _splitmix64(np.asarray(s ^ np.uint64(v % (1 << 64)), dtype=np.uint64))
-    prio = _splitmix64(np.asarray(id_hashes, dtype=np.uint64) ^ s)
-    return np.argsort(prio, kind="stable")
-
-
-def batch_indices(present: np.ndarray, order: np.ndarray, batch_size: int):
-    """(num_batches, batch_size) row indices and weights; the tail batch is zero-padded."""
-    rows = present[order]
-    nb = max(1, math.ceil(len(rows) / batch_size))
-    idx = np.zeros(nb * batch_size, dtype=np.int32)
-    msk = np.zeros(nb * batch_size, dtype=np.float32)
-    idx[: len(rows)] = rows
-    msk[: len(rows)] = 1.0
-    return idx.reshape(nb, batch_size), msk.reshape(nb, batch_size)
-
-
-def bucket(k: int) -> int:
-    """Next power of two ≥ k: pad a variable-length batch to this many rows (zero weights) so
-    a handful of compiled programs serve every size."""
-    return 1 << (max(k, 1) - 1).bit_length()
-
-
-# ----------------------------------------------------------------------------- optimisers
+# ----------------------------------------------------------------------------- engine glue
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """The optax transformation named by ``cfg.optimizer`` at learning rate ``cfg.lr``."""
-    if cfg.optimizer == "adam":
-        return optax.adam(cfg.lr)
-    if cfg.optimizer == "sgd":
-        return optax.sgd(cfg.lr)
-    if cfg.optimizer == "momentum":
-        return optax.sgd(cfg.lr, momentum=0.9)
-    raise ValueError(f"optimizer={cfg.optimizer!r}: choose 'adam', 'sgd' or 'momentum'.")
-
-
-def make_step(apply, opt: optax.GradientTransformation, l2: float):
-    """One optimiser step on a weighted minibatch (pure; jit it or scan it)."""
-
-    def step(params, opt_state, xb, yb, wb):
-        loss, g = jax.value_and_grad(lambda p: objective(apply, p, xb, yb, wb, l2))(params)
-        updates, opt_state = opt.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
+    """The optax transformation named by ``cfg.optimizer`` at learning rate ``cfg.lr`` (with
+    the learning rate injected as state; :func:`unlearn.engine.make_optimizer`)."""
+    return engine.make_optimizer(cfg.optimizer, cfg.lr)
 
 
 def use_scan(model: Model, strategy: str) -> bool:
     """Whether an epoch runs as one ``lax.scan`` (True) or a loop of jitted steps."""
-    if strategy == "scan":
-        return True
-    if strategy == "loop":
-        return False
-    if strategy != "auto":
-        raise ValueError(f"strategy={strategy!r}: choose 'auto', 'scan' or 'loop'.")
-    return not (model.has_conv and jax.default_backend() == "cpu")
+    return engine.resolve_strategy(model, strategy) == "scan"
 
 
-class _Compiled(NamedTuple):
-    step: Any
-    epoch: Any
+def _crop_flip(x, id_hashes, key, epoch):
+    return augment_lib.augment(x, id_hashes, key, epoch)
 
 
-_CACHE: dict = {}
+def _crop_flip_reflect(x, id_hashes, key, epoch):
+    return augment_lib.augment(x, id_hashes, key, epoch, mode="reflect")
 
 
-def _compiled(model: Model, cfg: TrainConfig) -> _Compiled:
-    k = (model.apply, cfg.optimizer, cfg.lr, cfg.l2)
-    if k not in _CACHE:
-        step = make_step(model.apply, make_optimizer(cfg), cfg.l2)
-
-        def epoch(params, opt_state, x, y, w, idx, msk):
-            def body(carry, b):
-                i, m = b
-                p, s, loss = step(*carry, x[i], y[i], w[i] * m)
-                return (p, s), loss
-
-            (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (idx, msk))
-            return params, opt_state, losses
-
-        _CACHE[k] = _Compiled(jax.jit(step), jax.jit(epoch))
-    return _CACHE[k]
-
-
-def cast(tree, dtype: str):
-    """Cast the floating leaves of a pytree to ``dtype``."""
-    dt = jnp.dtype(dtype)
-    if dt == jnp.float64 and not jax.config.jax_enable_x64:
-        raise ValueError("dtype='float64' needs jax.config.update('jax_enable_x64', True).")
-    return jax.tree.map(
-        lambda a: jnp.asarray(a, dt) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a,
-        tree,
-    )
+def augmentation(cfg: TrainConfig):
+    """The engine's augmentation hook named by ``cfg.augment`` (None for ``none``): a
+    module-level function ``(x, id_hashes32, key, epoch) -> x`` (stable identity, so the
+    engine's compile cache keys on it)."""
+    return {"none": None, "crop_flip": _crop_flip,
+            "crop_flip_reflect": _crop_flip_reflect}[cfg.augment]
 
 
 # ----------------------------------------------------------------------------- fit
 
 
 def init_params(model: Model, data: Dataset, key: jax.Array, dtype: str = "float32") -> Params:
-    """Initial params from ``fold_in(key, 0)`` (the same for training and retraining)."""
-    return cast(model.init(jax.random.fold_in(key, 0), jnp.asarray(data.x[:1])), dtype)
+    """Initial variables from ``model.init(fold_in(key, 0), x[:1])`` (the same for training,
+    retraining and every ensemble member; :func:`unlearn.engine.init_variables`)."""
+    x1 = cast(jnp.asarray(data.x[:1]), dtype)
+    return engine.unstack(engine.init_variables(model, x1, jnp.stack([key]), dtype), 0)
 
 
 def fit(
@@ -233,37 +174,60 @@ def fit(
     params = cast(params, cfg.dtype)
     if cfg.solver == "lbfgs":
         return fit_lbfgs(model, data, cfg, params, w)
-    if cfg.solver != "sgd":
-        raise ValueError(f"solver={cfg.solver!r}: choose 'sgd' or 'lbfgs'.")
     return fit_sgd(model, data, cfg, key, params, w)
 
 
 def fit_sgd(model: Model, data: Dataset, cfg: TrainConfig, key, params, w) -> Fit:
-    """Minibatch optax training; see the module docstring for the data-order rule."""
-    comp = _compiled(model, cfg)
-    x = cast(jnp.asarray(data.x), cfg.dtype)
-    y = jnp.asarray(data.y)
-    wj = cast(jnp.asarray(w), cfg.dtype)
-    present = np.nonzero(w > 0)[0]
-    hashes = stable_hash(data.ids[present])
-    seed = key_seed(key)
-    opt_state = make_optimizer(cfg).init(params)
-    scan = use_scan(model, cfg.strategy)
-    losses = []
-    for e in tqdm(range(cfg.epochs), disable=not cfg.progress, desc=f"train {model.name}"):
-        idx, msk = batch_indices(present, epoch_order(hashes, seed, e), cfg.batch_size)
-        if scan:
-            params, opt_state, ls = comp.epoch(params, opt_state, x, y, wj, idx, msk)
-            losses.append(float(jnp.mean(ls)))
-        else:
-            ls = []
-            for i, m in zip(idx, msk, strict=True):
-                params, opt_state, loss = comp.step(params, opt_state, x[i], y[i], wj[i] * m)
-                ls.append(loss)
-            losses.append(float(jnp.mean(jnp.stack(ls))))
-    _check_finite(params, "training")
-    return Fit(params, {"epochs": cfg.epochs, "steps": cfg.epochs * len(idx),
-                        "final_loss": losses[-1] if losses else float("nan")})
+    """Minibatch optax training: the engine with one member (see the module docstring)."""
+    out = engine.train_members(
+        model, data.x, data.y, stable_hash(data.ids), jnp.stack([key]), epochs=cfg.epochs,
+        batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr, l2=cfg.l2,
+        dtype=cfg.dtype, strategy=cfg.strategy, weights=w[None],
+        variables=engine.stack([params]), augment=augmentation(cfg), progress=cfg.progress,
+        desc=f"train {model.name}")
+    return Fit(engine.unstack(out.members.variables(), 0),
+               {"epochs": cfg.epochs, "steps": out.info["steps"],
+                "final_loss": float(out.info["final_loss"][0])})
+
+
+def train_grid(model: Model, data: Dataset, cfg: TrainConfig, key: jax.Array, *,
+               lr: Sequence[float] | None = None, l2: Sequence[float] | None = None,
+               weights: np.ndarray | None = None) -> tuple[Params, np.ndarray]:
+    """Train one model per hyperparameter point as ONE ensemble; returns stacked variables
+    (leading axis G) and the (G, 2) grid of (lr, l2).
+
+    Point g is exactly ``fit(model, data, replace(cfg, lr=lr[g], l2=l2[g]), key,
+    weights=weights)``: the same init, the same data order, its own learning rate (an
+    ``optax.inject_hyperparams`` state entry) and weight decay; ``lr`` and ``l2`` default to
+    ``cfg``'s and, when both are given, must have the same length (zip them from
+    ``itertools.product`` for a full grid). A point that diverges raises
+    ``FloatingPointError`` naming its learning rate (drop it from the grid).
+    For the tuning protocol of the evaluation: select the point by a validation metric, e.g.
+    ``unlearn.mia.ensemble_logits(model.apply, stacked, x_val)``.
+    """
+    if cfg.solver != "sgd":
+        raise ValueError(f"cfg.solver={cfg.solver!r}: train_grid trains with solver='sgd'.")
+    lr = np.atleast_1d(np.asarray(cfg.lr if lr is None else lr, np.float64))
+    l2 = np.atleast_1d(np.asarray(cfg.l2 if l2 is None else l2, np.float64))
+    G = max(len(lr), len(l2))
+    if len(lr) not in (1, G) or len(l2) not in (1, G):
+        raise ValueError(f"lr ({len(lr)} values) and l2 ({len(l2)} values) must have the same "
+                         "length (or one of them a single value).")
+    lr, l2 = np.broadcast_to(lr, (G,)), np.broadcast_to(l2, (G,))
+    for name, v in (("lr", lr), ("l2", l2)):
+        if not np.all(np.isfinite(v)) or (name == "lr" and np.any(v <= 0)) or np.any(v < 0):
+            raise ValueError(f"{name}={v.tolist()}: pass finite values (lr > 0, l2 ≥ 0).")
+    w = np.ones(len(data), np.float32) if weights is None else np.asarray(weights, np.float32)
+    if w.shape != (len(data),):
+        raise ValueError(f"weights must have shape ({len(data)},), got {w.shape}.")
+    p0 = init_params(model, data, key, cfg.dtype)
+    out = engine.train_members(
+        model, data.x, data.y, stable_hash(data.ids), jnp.stack([key] * G),
+        epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=lr, l2=l2,
+        dtype=cfg.dtype, strategy=cfg.strategy, weights=np.tile(w, (G, 1)),
+        variables=engine.stack([p0] * G), augment=augmentation(cfg), progress=cfg.progress,
+        desc=f"grid {model.name}")
+    return out.members.variables(), np.stack([lr, l2], 1)
 
 
 def lbfgs_loop(fun, params, tol, max_iter: int):
@@ -293,6 +257,7 @@ def lbfgs_loop(fun, params, tol, max_iter: int):
 
 @functools.partial(jax.jit, static_argnames=("apply", "max_iter"))
 def _lbfgs_run(apply, params, x, y, w, l2, tol, max_iter):
+    """Jitted L-BFGS; ``apply`` is an :func:`unlearn.engine.static_apply` (hashed by model)."""
     fun = lambda p: objective(apply, p, x, y, w, l2)  # noqa: E731
     p, it, gnorm = lbfgs_loop(fun, params, tol, max_iter)
     return p, it, gnorm, fun(p)
@@ -302,8 +267,8 @@ def fit_lbfgs(model: Model, data: Dataset, cfg: TrainConfig, params, w) -> Fit:
     """Full-batch L-BFGS (optax, zoom line search) until ‖∇L‖ ≤ ``cfg.tol``."""
     x = cast(jnp.asarray(data.x), cfg.dtype)
     wj = cast(jnp.asarray(w), cfg.dtype)
-    p, it, gnorm, value = _lbfgs_run(model.apply, params, x, jnp.asarray(data.y), wj,
-                                     cfg.l2, cfg.tol, cfg.max_iter)
+    p, it, gnorm, value = _lbfgs_run(engine.static_apply(model), params, x,
+                                     jnp.asarray(data.y), wj, cfg.l2, cfg.tol, cfg.max_iter)
     _check_finite(p, "L-BFGS")
     return Fit(p, {"iterations": int(it), "grad_norm": float(gnorm), "loss": float(value),
                    "converged": bool(gnorm <= cfg.tol)})

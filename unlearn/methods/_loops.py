@@ -1,30 +1,32 @@
-"""The one training loop shared by the approximate unlearning methods.
+"""The loop-based approximate unlearning methods, as calls of the training engine.
 
 Every loop-based method (NegGrad, NegGrad+, random labels, SCRUB, l1-sparse, SalUn) is a
 *loss* ``loss(apply, params, aux, progress, retain, forget) -> scalar`` over one retain batch
-and one forget batch (:class:`Batch`, weighted like :func:`unlearn.train.objective`), plus an
-optional 0/1 mask on the gradient (SalUn). One jitted optax step per (loss, model, optimiser)
-is compiled once and cached; data are passed as jit arguments, never closed over.
+and one forget batch (:class:`Batch`, weighted like :func:`unlearn.objective.objective`), plus an
+optional 0/1 mask on the gradient (SalUn). The loss is the engine's loss
+(:func:`unlearn.engine.run` with two streams): one program per (loss, model, optimiser,
+strategy), compiled once by the engine's cache; the learning rate and ``aux`` are runtime
+values, so a new request or hyperparameter never recompiles.
 
 An epoch iterates the batches of a *driver* set (the retained examples or the forget set), in
-the project's data order (:func:`unlearn.train.epoch_order` then
-:func:`unlearn.train.batch_indices`, so the order depends only on the key, the epoch and the
-ids present); the other set is cycled in its own order alongside it. ``progress`` in [0, 1) is
-the fraction of steps done (for schedules such as l1-sparse's decaying penalty).
+the project's data order (:func:`unlearn.engine.member_batches`: the order depends only on the
+key, the epoch and the ids present); the other set is cycled in its own order alongside it.
+``progress`` in [0, 1) is the fraction of steps done (for schedules such as l1-sparse's
+decaying penalty).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from unlearn import engine
 from unlearn.data import stable_hash
+from unlearn.engine import Batch
 from unlearn.methods.base import (
     ParamState,
     Unlearner,
@@ -32,51 +34,17 @@ from unlearn.methods.base import (
     params_result,
     prepare_params,
 )
-from unlearn.train import (
-    Problem,
-    TrainConfig,
-    batch_indices,
-    epoch_order,
-    key_seed,
-    make_optimizer,
-    objective,
-)
+from unlearn.train import Problem, objective
 
 Params = Any
 
-
-class Batch(NamedTuple):
-    """A weighted minibatch: inputs, labels, weights (0 marks padding)."""
-
-    x: jax.Array
-    y: jax.Array
-    w: jax.Array
+__all__ = ["Batch", "Phase", "default_epochs", "descend", "loop_unlearner", "mean_ce",
+           "random_labels"]
 
 
 def mean_ce(apply, params: Params, b: Batch, l2: float | jax.Array = 0.0) -> jax.Array:
-    """Weighted mean cross-entropy of a batch plus (l2/2)‖θ‖² (``train.objective``)."""
+    """Weighted mean cross-entropy of a batch plus (l2/2)‖θ‖² (``objective``)."""
     return objective(apply, params, b.x, b.y, b.w, l2)
-
-
-@functools.cache
-def _step(loss: Callable, apply: Callable, optimizer: str, lr: float, masked: bool):
-    opt = make_optimizer(TrainConfig(optimizer=optimizer, lr=lr))
-
-    def step(params, opt_state, aux, mask, progress, x, y, ri, rm, fi, fm):
-        def f(p):
-            return loss(apply, p, aux, progress, Batch(x[ri], y[ri], rm), Batch(x[fi], y[fi], fm))
-
-        value, g = jax.value_and_grad(f)(params)
-        if masked:
-            g = jax.tree.map(jnp.multiply, g, mask)
-        updates, opt_state = opt.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    return jax.jit(step), opt
-
-
-def _order(problem: Problem, rows: np.ndarray, seed: int, epoch: int, salt: int) -> np.ndarray:
-    return rows[epoch_order(stable_hash(problem.train.ids[rows]), seed, epoch, salt)]
 
 
 def _cycled(rows: np.ndarray, nb: int, bs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -87,40 +55,65 @@ def _cycled(rows: np.ndarray, nb: int, bs: int) -> tuple[np.ndarray, np.ndarray]
                                                                               np.float32)
 
 
-def descend(problem: Problem, params: Params, loss: Callable, aux: Any, *,
-            retain_rows: np.ndarray, forget_rows: np.ndarray, labels: np.ndarray,
-            epochs: range, total_epochs: int, lr: float, seed: int, driver: str = "retain",
-            mask: Params | None = None, opt_state: Any = None) -> tuple[Params, Any, int]:
-    """Run ``epochs`` of optax steps minimising ``loss``; returns (params, opt_state, steps).
+def epoch_schedule(hashes: np.ndarray, retain_rows: np.ndarray, forget_rows: np.ndarray,
+                   seed: int, epoch: int, total_epochs: int, batch_size: int,
+                   driver: str) -> engine.Schedule:
+    """One member's schedule for one epoch: the driver set's batches in the data order (salt
+    1), the other set cycled alongside in its own order (salt 2); streams (retain, forget)."""
+    main, other = (retain_rows, forget_rows) if driver == "retain" else (forget_rows,
+                                                                        retain_rows)
+    idx, msk = engine.member_batches(main, hashes[main], seed, epoch, batch_size, 1)
+    nb = len(idx)
+    o = other[engine.epoch_order(hashes[other], seed, epoch, 2)]
+    oidx, omsk = _cycled(o, nb, batch_size)
+    streams = ((idx, msk), (oidx, omsk)) if driver == "retain" else ((oidx, omsk), (idx, msk))
+    progress = (epoch * nb + np.arange(nb)) / max(1, total_epochs * nb)
+    return engine.stack_schedules([streams], batch_size, progress[None], epoch=epoch)
 
-    ``driver`` names the set whose batches make up an epoch (``retain`` or ``forget``);
-    ``labels`` are the labels used for every training row (random labels replace the forget
-    rows' labels for the relabelling methods).
+
+def descend(problem: Problem, members: engine.Members, loss: Callable, aux: dict, *,
+            retain_rows: np.ndarray, forget_rows: np.ndarray, labels: np.ndarray,
+            epochs: range, total_epochs: int, key: jax.Array, driver: str = "retain",
+            mask: Params | None = None) -> tuple[engine.Members, int]:
+    """Run ``epochs`` of optax steps minimising ``loss`` through the engine (one member);
+    returns (members, steps).
+
+    ``members`` carries the params, optimiser state (with its learning rate) and model state
+    (:func:`start`); ``driver`` names the set whose batches make up an epoch (``retain`` or
+    ``forget``); ``labels`` are the labels used for every training row (random labels replace
+    the forget rows' labels for the relabelling methods); ``mask`` multiplies the gradient.
+    Raises ``FloatingPointError`` if the params diverge.
     """
     if driver not in ("retain", "forget"):
         raise ValueError(f"driver={driver!r}: choose 'retain' or 'forget'.")
     cfg = problem.cfg
-    step, opt = _step(loss, problem.model.apply, cfg.optimizer, float(lr), mask is not None)
-    if opt_state is None:
-        opt_state = opt.init(params)
-    x = jnp.asarray(problem.train.x, params_leaf(params).dtype)
-    y = jnp.asarray(labels)
-    bs = cfg.batch_size
+    dtype = str(jax.tree.leaves(members.params)[0].dtype)
+    data = engine.device_data(problem.train.x, labels, None, dtype)
+    hashes = stable_hash(problem.train.ids)
+    seed = engine.key_seed(key)
+    aux1 = jax.tree.map(lambda a: jnp.asarray(a)[None], aux)
+    gmask = None if mask is None else jax.tree.map(
+        lambda a: a[None], engine.split_variables(mask)[0])
     steps = 0
     for e in epochs:
-        main, other = (retain_rows, forget_rows) if driver == "retain" else (forget_rows,
-                                                                            retain_rows)
-        idx, msk = batch_indices(_order(problem, main, seed, e, 1), np.arange(len(main)), bs)
-        oidx, omsk = _cycled(_order(problem, other, seed, e, 2), len(idx), bs)
-        if driver == "forget":
-            idx, msk, oidx, omsk = oidx, omsk, idx, msk
-        nb = len(idx)
-        for b in range(nb):
-            progress = jnp.float32((e * nb + b) / max(1, total_epochs * nb))
-            params, opt_state, _ = step(params, opt_state, aux, mask, progress, x, y,
-                                        idx[b], msk[b], oidx[b], omsk[b])
-        steps += nb
-    return params, opt_state, steps
+        sched = epoch_schedule(hashes, retain_rows, forget_rows, seed, e, total_epochs,
+                               cfg.batch_size, driver)
+        members, _ = engine.run(problem.model, members, data, sched, keys=jnp.stack([key]),
+                                aux=aux1, optimizer=cfg.optimizer, dtype=dtype,
+                                strategy=cfg.strategy, loss=loss, grad_mask=gmask)
+        steps += sched.steps
+    engine.check_finite(members, what="unlearning")
+    return members, steps
+
+
+def start(params: Params, optimizer: str, lr: float) -> engine.Members:
+    """One engine member at ``params`` (variables) with a fresh optimiser state at ``lr``."""
+    return engine.init_members(engine.stack([params]), optimizer, lr)
+
+
+def variables(members: engine.Members) -> Params:
+    """The (unstacked) variables of the single member."""
+    return engine.unstack(members.variables(), 0)
 
 
 def params_leaf(params: Params) -> jax.Array:
@@ -180,14 +173,16 @@ def loop_unlearner(name: str, loss: Callable | None, *, driver: str, epochs: int
                "forget_ratio": jnp.float32(len(pos) / max(1.0, float(w.sum()))),
                **{k: jnp.float32(v) for k, v in hparams.items()}}
         mask = mask_fn(p, state.params, pos, labels) if mask_fn is not None else None
-        params, opt_state, steps, seed = state.params, None, 0, key_seed(k_ord)
+        members = start(state.params, p.cfg.optimizer,
+                        lr if lr is not None else lr_scale * p.cfg.lr)
+        steps = 0
         for ph in plan(n_ep):
-            params, opt_state, k = descend(
-                p, params, ph.loss, aux, retain_rows=np.nonzero(w > 0)[0], forget_rows=pos,
-                labels=labels, epochs=ph.epochs, total_epochs=n_ep,
-                lr=lr if lr is not None else lr_scale * p.cfg.lr, seed=seed, driver=ph.driver,
-                mask=mask, opt_state=opt_state)
+            members, k = descend(
+                p, members, ph.loss, aux, retain_rows=np.nonzero(w > 0)[0], forget_rows=pos,
+                labels=labels, epochs=ph.epochs, total_epochs=n_ep, key=k_ord,
+                driver=ph.driver, mask=mask)
             steps += k
+        params = variables(members)
         stats = {"epochs": n_ep, "steps": steps, **hparams}
         return params_result(p, params, stats), state._replace(params=params, weights=w)
 

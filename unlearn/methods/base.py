@@ -74,11 +74,22 @@ def next_weights(state: ParamState, forget_ids) -> tuple[np.ndarray, np.ndarray]
     return pos, w
 
 
+def check_convex(problem: Problem, method: str = "newton") -> None:
+    """Raise a clear error for a model whose objective is not known to be strictly convex."""
+    if not problem.model.convex:
+        raise ValueError(
+            f"method {method!r} needs a strictly convex model (model.convex=True, e.g. "
+            f"unlearn.models.logreg or binary_logreg); got model {problem.model.name!r}. Newton "
+            "removal assumes a positive-definite Hessian; for non-convex models use an "
+            "approximate method (e.g. 'finetune') or exact retraining ('retrain')."
+        )
+
+
 def params_result(problem: Problem, params: Params, stats: dict) -> Result:
     """A :class:`Result` that predicts with ``problem.model.apply(params, x)``."""
     apply = problem.model.apply
     return Result(logits=lambda x: apply(params, x), params=params, stats=stats)
 
 
-__all__ = ["ParamState", "Result", "Unlearner", "next_weights", "params_result",
+__all__ = ["ParamState", "Result", "Unlearner", "check_convex", "next_weights", "params_result",
            "prepare_params", "retain_mask"]

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unlearn import engine
 from unlearn.methods.base import (
     ParamState,
     Unlearner,
@@ -35,29 +36,33 @@ from unlearn.methods.base import (
 from unlearn.train import Problem, batch_indices
 
 
-@functools.cache
-def _fisher_chunk(apply):
+@functools.partial(jax.jit, static_argnames=("apply",))
+def _fisher_chunk(apply, params, state, x, idx, msk):
+    """Σ_i msk_i Σ_k p(k|x_i) (∂ log p(k|x_i))² over the rows ``idx`` for the trainable
+    ``params`` (model ``state`` frozen, eval mode); ``apply`` is
+    :func:`unlearn.engine.static_apply` (one program per model configuration)."""
     def per_example(params, x):
-        logp = lambda p: jax.nn.log_softmax(apply(p, x[None])[0])  # noqa: E731
+        logp = lambda p: jax.nn.log_softmax(  # noqa: E731
+            apply(engine.merge_variables(p, state), x[None])[0])
         jac = jax.jacrev(logp)(params)  # (K, *shape) per leaf
         prob = jnp.exp(logp(params))
         return jax.tree.map(lambda j: jnp.tensordot(prob, j**2, axes=1), jac)
 
-    def chunk(params, x, idx, msk):
-        f = jax.vmap(per_example, in_axes=(None, 0))(params, x[idx])
-        return jax.tree.map(lambda a: jnp.tensordot(msk, a, axes=1), f)
-
-    return jax.jit(chunk)
+    f = jax.vmap(per_example, in_axes=(None, 0))(params, x[idx])
+    return jax.tree.map(lambda a: jnp.tensordot(msk, a, axes=1), f)
 
 
-def diagonal_fisher(problem: Problem, params, rows: np.ndarray) -> object:
-    """Diagonal of the true Fisher of ``params`` averaged over the training ``rows``."""
-    fn = _fisher_chunk(problem.model.apply)
+def diagonal_fisher(problem: Problem, params, rows: np.ndarray, state=None) -> object:
+    """Diagonal of the true Fisher of the trainable ``params`` averaged over the training
+    ``rows`` (model ``state``, e.g. BatchNorm statistics, frozen)."""
+    apply = engine.static_apply(problem.model)
+    state = {} if state is None else state
     x = jnp.asarray(problem.train.x, jax.tree.leaves(params)[0].dtype)
     idx, msk = batch_indices(rows, np.arange(len(rows)), problem.cfg.batch_size)
     total = jax.tree.map(jnp.zeros_like, params)
     for i, m in zip(idx, msk):
-        total = jax.tree.map(jnp.add, total, fn(params, x, i, jnp.asarray(m, x.dtype)))
+        part = _fisher_chunk(apply, params, state, x, i, jnp.asarray(m, x.dtype))
+        total = jax.tree.map(jnp.add, total, part)
     return jax.tree.map(lambda a: a / len(rows), total)
 
 
@@ -69,14 +74,16 @@ def fisher(alpha: float = 1e-6, max_var: float = 1e3) -> Unlearner:
     def forget(state: ParamState, forget_ids, key):
         pos, w = next_weights(state, forget_ids)
         p = state.problem
-        f = diagonal_fisher(p, state.params, np.nonzero(w > 0)[0])
+        trainable, mstate = engine.split_variables(state.params)
+        f = diagonal_fisher(p, trainable, np.nonzero(w > 0)[0], mstate)
         leaves, tree = jax.tree.flatten(f)
         keys = jax.random.split(key, len(leaves))
         noise = jax.tree.unflatten(tree, [jax.random.normal(k, a.shape, a.dtype)
                                           for k, a in zip(keys, leaves)])
         params = jax.tree.map(
             lambda t, fj, n: t + jnp.sqrt(alpha * jnp.minimum(1.0 / (fj + 1e-8), max_var)) * n,
-            state.params, f, noise)
+            trainable, f, noise)
+        params = engine.merge_variables(params, mstate)
         stats = {"alpha": alpha, "fisher_mean": float(np.mean([float(jnp.mean(a))
                                                                 for a in leaves]))}
         return params_result(p, params, stats), state._replace(params=params, weights=w)

@@ -19,24 +19,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unlearn import engine
 from unlearn.methods._loops import loop_unlearner
 from unlearn.methods.base import Unlearner
 from unlearn.methods.random_labels import relabel_loss
 from unlearn.train import Problem, objective
 
 
-@functools.cache
-def _forget_grad(apply):
-    """jit(∇_θ mean_i ℓ_i(θ)) for one model (cached so repeated requests do not recompile)."""
-    return jax.jit(jax.grad(lambda p, x, y: objective(apply, p, x, y, jnp.ones(y.shape), 0.0)))
+@functools.partial(jax.jit, static_argnames=("apply",))
+def _forget_grad(apply, params, x, y):
+    """∇_θ mean_i ℓ_i(θ); ``apply`` is :func:`unlearn.engine.static_apply` (compiled once per
+    model configuration, not per closure)."""
+    return jax.grad(lambda p: objective(apply, p, x, y, jnp.ones(y.shape), 0.0))(params)
 
 
 def saliency_mask(problem: Problem, params, forget_rows: np.ndarray, ratio: float):
     """0/1 mask of the ``ratio`` fraction of weights with the largest |∇ forget loss|."""
-    apply = problem.model.apply
     x = jnp.asarray(problem.train.x[forget_rows], jax.tree.leaves(params)[0].dtype)
     y = jnp.asarray(problem.train.y[forget_rows])
-    g = _forget_grad(apply)(params, x, y)
+    g = _forget_grad(engine.static_apply(problem.model), params, x, y)
     mags = jnp.concatenate([jnp.abs(a).ravel() for a in jax.tree.leaves(g)])
     thresh = jnp.quantile(mags, 1.0 - ratio)
     return jax.tree.map(lambda a: (jnp.abs(a) >= thresh).astype(a.dtype), g)

@@ -1,0 +1,248 @@
+"""The training engine: members against independent single-model runs, strategies against each
+other, model state against a hand-written flax/optax loop, the compile cache, divergence."""
+
+import dataclasses
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from unlearn import data, engine, models, train
+from unlearn.metrics import flat
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits").train.subset(np.arange(300))
+
+
+# ----------------------------------------------------------------------------- a stateful model
+
+
+class _BNNet(nn.Module):
+    """Dense (no bias: BatchNorm would cancel it and Adam would amplify its rounding-level
+    gradient) → BatchNorm → ReLU → Dense: the smallest model with state."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(16, use_bias=False)(x.reshape((x.shape[0], -1)))  # BN removes a bias
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(10)(nn.relu(x))
+
+
+class StateModel(NamedTuple):
+    init: object
+    apply: object
+    name: str
+    convex: bool = False
+    has_conv: bool = False
+    has_state: bool = True
+
+
+def bn_model() -> StateModel:
+    """The functional contract of the models module: ``apply(variables, x, *, train, rng)``
+    returns ``(logits, new_state)`` in train mode, logits in eval mode."""
+    mod = _BNNet()
+
+    def init(key, x):
+        return mod.init(key, jnp.asarray(x[:1]))
+
+    def apply(variables, x, *, train=False, rng=None):
+        if train:
+            return mod.apply(variables, x, train=True, mutable=["batch_stats"])
+        return mod.apply(variables, x)
+
+    return StateModel(init, apply, "bnnet")
+
+
+def test_batchnorm_training_matches_a_hand_written_flax_loop(digits, x64):
+    """The engine's stateful step = flax ``mutable=["batch_stats"]`` + optax.adam applied by
+    hand to the same batches, in float64 (same operations: equal to rounding, 1e-12)."""
+    m = bn_model()
+    cfg = train.TrainConfig(epochs=2, batch_size=64, lr=1e-2, l2=1e-3, dtype="float64")
+    key = jax.random.key(5)
+    fit = train.fit(m, digits, cfg, key)
+    assert "batch_stats" in fit.params
+    # reference: the same init, the same data order, a plain loop
+    mod = _BNNet()
+    v = train.init_params(m, digits, key, "float64")
+    params, stats = {"params": v["params"]}, v["batch_stats"]
+    opt = optax.adam(cfg.lr)
+    o = opt.init(params)
+    x, y = jnp.asarray(digits.x, jnp.float64), jnp.asarray(digits.y)
+    h = data.stable_hash(digits.ids)
+    for e in range(cfg.epochs):
+        idx, msk = train.batch_indices(np.arange(len(digits)),
+                                       train.epoch_order(h, train.key_seed(key), e), 64)
+        for i, w in zip(idx, msk):
+            def loss(p, i=i, w=w, stats=stats):
+                z, upd = mod.apply({**p, "batch_stats": stats}, x[i], train=True,
+                                   mutable=["batch_stats"])
+                ce = optax.softmax_cross_entropy_with_integer_labels(z, y[i])
+                pen = sum(jnp.vdot(a, a) for a in jax.tree.leaves(p))
+                return jnp.sum(w * ce) / max(w.sum(), 1) + 0.5 * cfg.l2 * pen, upd
+
+            (_, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
+            u, o = opt.update(g, o, params)
+            params, stats = optax.apply_updates(params, u), upd["batch_stats"]
+    np.testing.assert_allclose(flat(fit.params["params"]), flat(params["params"]),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(flat(fit.params["batch_stats"]), flat(stats),
+                               rtol=1e-12, atol=1e-12)
+    # the statistics moved from their initial values (mean 0, var 1)
+    assert np.abs(flat(stats) - flat(v["batch_stats"])).max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- members
+
+
+def test_grid_members_equal_separate_fits(digits, x64):
+    """Each point of a learning-rate × weight-decay grid trained as one ensemble equals
+    ``fit`` with that point's config, run separately (float64; vmapped vs single-member
+    arithmetic may reorder sums: 1e-10 relative)."""
+    m = models.mlp(10, (16,))
+    cfg = train.TrainConfig(epochs=2, batch_size=64, dtype="float64")
+    lrs, l2s = [1e-3, 3e-3, 1e-2], [0.0, 1e-3, 1e-2]
+    stacked, grid = train.train_grid(m, digits, cfg, jax.random.key(1), lr=lrs, l2=l2s)
+    np.testing.assert_array_equal(grid, np.c_[lrs, l2s])
+    for g, (lr, l2) in enumerate(zip(lrs, l2s)):
+        ref = train.fit(m, digits, dataclasses.replace(cfg, lr=lr, l2=l2), jax.random.key(1))
+        np.testing.assert_allclose(flat(engine.unstack(stacked, g)), flat(ref.params),
+                                   rtol=1e-10, atol=1e-12)
+    assert not np.allclose(flat(engine.unstack(stacked, 0)), flat(engine.unstack(stacked, 2)))
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_strategies_agree_with_scan_on_padded_members(digits, strategy, x64):
+    """Members of different sizes (no-op steps) give the same result under every strategy
+    (float64, the same per-member arithmetic: 1e-10)."""
+    m = models.cnn(10, features=(4,), dense=8, image_shape=(8, 8, 1))
+    keys = jnp.stack([jax.random.key(0), jax.random.key(1)])
+    w = np.ones((2, len(digits)), np.float32)
+    w[1, :100] = 0  # member 1 has fewer batches
+    kw = dict(epochs=1, batch_size=64, optimizer="adam", lr=1e-2, l2=1e-3, dtype="float64",
+              weights=w)
+    h = data.stable_hash(digits.ids)
+    a = engine.train_members(m, digits.x, digits.y, h, keys, strategy="scan", **kw)
+    b = engine.train_members(m, digits.x, digits.y, h, keys, strategy=strategy, **kw)
+    np.testing.assert_allclose(flat(a.members.params), flat(b.members.params), rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_noop_steps_leave_a_member_untouched(digits):
+    """A member whose schedule is all no-op steps keeps params and Adam state bit for bit."""
+    m = models.mlp(10, (8,))
+    keys = jnp.stack([jax.random.key(0), jax.random.key(1)])
+    v = engine.init_variables(m, jnp.asarray(digits.x[:1]), keys, "float32")
+    mem = engine.init_members(v, "adam", 1e-2)
+    d = engine.device_data(digits.x, digits.y, None, "float32")
+    idx, w = engine.batch_indices(np.arange(len(digits)), np.arange(len(digits)), 64)
+    sched = engine.stack_schedules([((idx, w),), None], 64)
+    out, _ = engine.run(m, mem, d, sched, keys=keys, aux={"l2": jnp.zeros(2)},
+                        optimizer="adam", dtype="float32")
+    for new, old in zip(jax.tree.leaves(engine.unstack(out, 1)),
+                        jax.tree.leaves(engine.unstack(mem, 1))):
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+    assert not np.array_equal(flat(engine.unstack(out.params, 0)),
+                              flat(engine.unstack(mem.params, 0)))
+
+
+def test_tail_padding_is_a_function_of_the_ids_present():
+    """Padded rows repeat the tail batch's own rows (weight 0), never a fixed data row."""
+    idx, w = engine.batch_indices(np.array([10, 11, 12, 13, 14]), np.arange(5), 4)
+    np.testing.assert_array_equal(idx, [[10, 11, 12, 13], [14, 14, 14, 14]])
+    np.testing.assert_array_equal(w, [[1, 1, 1, 1], [1, 0, 0, 0]])
+
+
+# ----------------------------------------------------------------------------- compile cache
+
+
+def test_fresh_model_objects_share_compiled_programs(digits):
+    """A second run with newly built (equal) model and config objects and another learning
+    rate traces nothing new."""
+    cfg = train.TrainConfig(epochs=1, batch_size=64)
+    train.fit(models.mlp(10, (12,)), digits, cfg, jax.random.key(0))
+    before = engine.cache_info()
+    train.fit(models.mlp(10, (12,)), digits, dataclasses.replace(cfg, lr=5e-3),
+              jax.random.key(1))
+    assert engine.cache_info() == before
+    train.fit(models.mlp(10, (13,)), digits, cfg, jax.random.key(0))  # another model
+    assert engine.cache_info()["traces"] > before["traces"]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_divergence_names_the_member(digits):
+    m = models.mlp(10, (16,))
+    cfg = train.TrainConfig(epochs=3, batch_size=64, optimizer="sgd")
+    with pytest.raises(FloatingPointError, match=r"member\(s\) \[1\].*lr=\[1e\+30\]"):
+        train.train_grid(m, digits, cfg, jax.random.key(0), lr=[1e-3, 1e30])
+
+
+@pytest.mark.parametrize("field,value", [
+    ("batch_size", 0), ("epochs", -1), ("epochs", 1.5), ("lr", float("nan")), ("lr", 0.0),
+    ("lr", float("inf")), ("l2", -1e-3), ("optimizer", "adamw"), ("strategy", "pmap"),
+    ("dtype", "bfloat16"), ("solver", "newton"), ("augment", "mixup"),
+])
+def test_train_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{field}="):
+        train.TrainConfig(**{field: value})
+
+
+# ----------------------------------------------------------------------------- SISA on the engine
+
+
+def _sisa_exactness(model, tr, strategy="auto"):
+    from unlearn import sisa
+
+    cfg = train.TrainConfig(epochs=2, batch_size=16, lr=1e-2, dtype="float64",
+                            augment="crop_flip", strategy=strategy)
+    plan = sisa.Plan(shards=4, slices=2)
+    key = jax.random.key(0)
+    st = sisa.train(model, tr, cfg, plan, key)
+    forget = tr.ids[[3, 50, 77]]
+    new, stats = sisa.forget(st, forget)
+    assert 1 <= stats["shards_retrained"] <= 3
+    w = np.ones(len(tr), np.float32)
+    w[tr.positions(forget)] = 0
+    scratch = sisa.train(model, tr, cfg, plan, key, weights=w, layout=st.layout)
+    stats_leaves = jax.tree.leaves(new.ckpts[0]["batch_stats"])
+    assert stats_leaves and all(np.asarray(a).dtype == np.float64 for a in stats_leaves)
+    d_params = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
+        jax.tree.leaves(new.ckpts[0]["params"]), jax.tree.leaves(scratch.ckpts[0]["params"])))
+    d_stats = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
+        stats_leaves, jax.tree.leaves(scratch.ckpts[0]["batch_stats"])))
+    assert d_params == 0.0 and d_stats == 0.0, (d_params, d_stats)
+    for a, b in zip(jax.tree.leaves(new.ckpts), jax.tree.leaves(scratch.ckpts), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # optimiser states too
+    # the test can fail: augmentation and the forget request both change the models
+    plain = sisa.train(model, tr, dataclasses.replace(cfg, augment="none"), plan, key)
+    assert not np.array_equal(flat(plain.params["params"]), flat(st.params["params"]))
+    assert not np.array_equal(flat(new.params["params"]), flat(st.params["params"]))
+    assert not np.array_equal(flat(new.params["batch_stats"]), flat(st.params["batch_stats"]))
+
+
+@pytest.fixture(scope="module")
+def digit_images(digits):
+    tr = digits.subset(np.arange(160))
+    return data.make(tr.x.reshape(-1, 8, 8, 1), tr.y, num_classes=10, ids=tr.ids,
+                     name="digits-img")
+
+
+def test_sisa_exact_with_batchnorm_and_augmentation(digit_images, x64):
+    """``forget(train(D), U) == train(D∖U)`` with BatchNorm and random crop + flip, float64:
+    every checkpoint's parameters, batch statistics and optimiser state agree bit for bit
+    (max |Δθ| = max |Δ stats| = 0: the retrained shards replay the same batches, augmentation
+    keys and statistics)."""
+    _sisa_exactness(bn_model(), digit_images)
+
+
+@pytest.mark.slow
+def test_sisa_exact_with_resnet9_and_augmentation(digit_images, x64):
+    """The same with a (narrow) BatchNorm ResNet-9, shards unrolled (CPU conv strategy)."""
+    _sisa_exactness(models.resnet9(10, width=4, image_shape=(8, 8, 1)), digit_images)
