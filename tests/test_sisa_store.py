@@ -96,7 +96,7 @@ def purge_scan(d: Path) -> dict:
                        layout=st.layout)
     p, o = clean.ckpts
     R, S = st.plan.slices, st.plan.shards
-    ref = {(r, s): {"params": jax.tree.map(lambda a, r=r, s=s: np.asarray(a[r, s]), p),
+    ref = {(r, s): {"variables": jax.tree.map(lambda a, r=r, s=s: np.asarray(a[r, s]), p),
                     "opt_state": jax.tree.map(lambda a, r=r, s=s: np.asarray(a[r, s]), o)}
            for r in range(R + 1) for s in range(S)}
     bookkeeping = {"config.json", "layout.npz", "ledger.jsonl", "LOCK", "READ.lock"}

@@ -6,7 +6,7 @@ Layout of ``MODEL_DIR`` (format 2)::
     config.json        data, model, plan, training settings, seed (written once)
     layout.npz         every trained id, its shard, its earliest slice and a content hash
     ledger.jsonl       append-only: one JSON line per request (request 0 = training)
-    units/<digest>/    one orbax PyTree checkpoint per (shard, stage): {params, opt_state}
+    units/<digest>/    one orbax PyTree checkpoint per (shard, stage): {variables, opt_state}
     versions/vNNNNNN.json  the served version's manifest: the unit digest of every (stage, shard)
     LOCK, READ.lock    OS locks (fcntl.flock): one writer; readers vs the purge
 
@@ -284,7 +284,7 @@ def _file_sums(d: Path) -> dict[str, str]:
 
 
 def _save_unit(root: Path, unit) -> tuple[str, dict]:
-    """Save ``{params, opt_state}`` as ``units/<digest>`` unless that content is stored;
+    """Save ``{variables, opt_state}`` as ``units/<digest>`` unless that content is stored;
     returns the digest and the checksums of the unit's files."""
     digest = _digest(unit)
     final = root / UNITS / digest
@@ -304,7 +304,7 @@ def _save_unit(root: Path, unit) -> tuple[str, dict]:
     return digest, sums
 
 
-def _load_unit(root: Path, u: dict, template):
+def _load_unit(root: Path, u: dict, template):  # template: ShapeDtypeStructs
     """Restore one unit, after checking its files against the manifest's checksums (so a
     damaged checkpoint is reported before orbax reads it: a failed orbax restore leaves
     tensorstore callbacks that print "Event loop is closed" tracebacks at exit)."""
@@ -541,40 +541,39 @@ def _model(name: str, num_classes: int, kwargs: str):
     return models_lib.make(name, num_classes, **kw)
 
 
-def _template(model, cfg, x_shape, shards: int):
-    """Shapes of one (params, opt_state) unit by shape inference (no compilation)."""
-    import jax
-    import jax.numpy as jnp
-
-    from unlearn.train import cast, make_optimizer
-
-    opt = make_optimizer(cfg)
-
-    def one(k):
-        p = cast(model.init(k, jnp.zeros((1, *x_shape), cfg.dtype)), cfg.dtype)
-        return {"params": p, "opt_state": opt.init(p)}
-
-    return jax.eval_shape(one, jax.random.key(0))
-
-
-def _load_ckpts(d: Dir, model, cfg, x_shape):
-    """The served checkpoints stacked (R+1, S) as ``(params, opt_state)`` host arrays."""
+def _template(model, cfg, x_shape, key):
+    """Shapes of one ``{variables, opt_state}`` unit by shape inference of the trainer's own
+    initialisation (no compilation)."""
     import jax
 
-    tmpl = _template(model, cfg, x_shape, len(d.manifest["units"][0]))
+    from unlearn.data import Dataset
+    from unlearn.sisa.train import _init_stack
+
+    one = Dataset(np.zeros((1, *x_shape), np.float32), np.zeros(1, np.int32), np.array(["0"]),
+                  1, "template")
+    v, o = jax.eval_shape(lambda: _init_stack(model, one, cfg, key, 1))
+    drop = lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)  # noqa: E731
+    return {"variables": jax.tree.map(drop, v), "opt_state": jax.tree.map(drop, o)}
+
+
+def _load_ckpts(d: Dir, model, cfg, x_shape, key):
+    """The served checkpoints stacked (R+1, S) as ``(variables, opt_state)`` host arrays."""
+    import jax
+
+    tmpl = _template(model, cfg, x_shape, key)
     rows = [[_load_unit(d.root, u, tmpl) for u in row] for row in d.manifest["units"]]
     stack = jax.tree.map(lambda *a: np.stack(a), *[jax.tree.map(lambda *b: np.stack(b), *row)
                                                    for row in rows])
-    return stack["params"], stack["opt_state"]
+    return stack["variables"], stack["opt_state"]
 
 
 def _split_units(ckpts) -> list[list]:
-    """(R+1, S)-stacked (params, opt_state) -> grid of per-unit pytrees."""
+    """(R+1, S)-stacked (variables, opt_state) -> grid of per-unit pytrees."""
     import jax
 
     p, o = ckpts
     n_r, n_s = jax.tree.leaves(p)[0].shape[:2]
-    return [[{"params": jax.tree.map(lambda a, r=r, s=s: np.asarray(a[r, s]), p),
+    return [[{"variables": jax.tree.map(lambda a, r=r, s=s: np.asarray(a[r, s]), p),
               "opt_state": jax.tree.map(lambda a, r=r, s=s: np.asarray(a[r, s]), o)}
              for s in range(n_s)] for r in range(n_r)]
 
@@ -611,8 +610,10 @@ def create(root: str | Path, *, data: str, model: str = "mlp", shards: int = 4, 
 
     root = Path(root)
     plan = Plan(shards, slices, assignment, overlap)
+    from types import SimpleNamespace
+
+    check_config(SimpleNamespace(epochs=epochs, lr=lr, batch_size=batch_size, l2=l2))
     tc = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, l2=l2)
-    check_config(tc)
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"{root} is a file; pass a directory for the model.")
     taken = (root / LEDGER, root / CONFIG, root / CURRENT)
@@ -676,7 +677,7 @@ def _state(d: Dir, need_train: bool):
     tr, present, test = _load_data(d)  # depends on the layout only, which never changes
     with _flock(d.root / READ_LOCK, fcntl.LOCK_SH):
         d = _read_dir(d.root)
-        ckpts = _load_ckpts(d, model, tc, tr.x.shape[1:])
+        ckpts = _load_ckpts(d, model, tc, tr.x.shape[1:], key)
     alive = ~np.isin(d.ids, list(d.forgotten()))
     missing = d.ids[alive & ~present]
     if need_train and len(missing):
