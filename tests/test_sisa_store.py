@@ -96,7 +96,7 @@ def purge_scan(d: Path) -> dict:
                        layout=st.layout)
     p, o = clean.ckpts
     R, S = st.plan.slices, st.plan.shards
-    ref = {(r, s): {"params": jax.tree.map(lambda a, r=r, s=s: np.asarray(a[r, s]), p),
+    ref = {(r, s): {"variables": jax.tree.map(lambda a, r=r, s=s: np.asarray(a[r, s]), p),
                     "opt_state": jax.tree.map(lambda a, r=r, s=s: np.asarray(a[r, s]), o)}
            for r in range(R + 1) for s in range(S)}
     bookkeeping = {"config.json", "layout.npz", "ledger.jsonl", "LOCK", "READ.lock"}
@@ -169,16 +169,35 @@ def test_forget_purges_everything_trained_on_forgotten_data(model_dir, capsys):
     assert len(sisa.read_ledger(model_dir)) == 3
 
 
-def test_verify_float32_exact_after_five_chained_requests(model_dir):
-    names = _trained_names(model_dir)
+def test_verify_float32_exact_after_five_chained_requests(model_dir, monkeypatch):
     lay = np.load(model_dir / "layout.npz")
-    sh = dict(zip(lay["ids"].astype(str).tolist(), lay["shard"].tolist(), strict=True))
-    by = {s: [i for i in names if sh[i] == s] for s in range(3)}
-    requests = [[by[0][0]], [by[1][0], by[2][0]], [by[0][1], by[1][1], by[2][1]], [by[2][2]],
-                [by[1][2], by[0][2]]]  # 1, 2, 3, 1 and 2 shards: programs of 1, 2 and 4 slots
+    rows = list(zip(lay["ids"].astype(str).tolist(), lay["shard"].tolist(),
+                    lay["slice"].tolist(), strict=True))
+    by = {(s, r): [i for i, s_, r_ in rows if (s_, r_) == (s, r)] for s in range(3)
+          for r in range(2)}
+    # one 3-shard request (4 slots), three 1-shard requests from slice 0 (each rewrites a whole
+    # shard with a 1-slot program), one 2-shard request from slice 1 (2 slots)
+    requests = [[by[0, 1][0], by[1, 1][0], by[2, 1][0]], [by[0, 0][0]], [by[1, 0][0]],
+                [by[2, 0][0]], [by[0, 1][1], by[1, 1][1]]]
     for r in requests:
         assert not store.forget_persistent(model_dir, r)["noop"]
+    sisa_train = sys.modules["unlearn.sisa.train"]  # the module (``sisa.train`` is a function)
+    calls, real = [], sisa_train._run_stages
+    units = store.open_dir(model_dir).manifest["units"]
+
+    def spy(state, shards, start, x, y):
+        # the slot counts recorded for the first checkpoint each real slot reproduces
+        want = {units[r + 1][s]["slots"] for s, r in zip(shards.tolist(), start.tolist(),
+                                                         strict=True) if r < state.plan.slices}
+        calls.append((len(shards), want))
+        return real(state, shards, start, x, y)
+
+    monkeypatch.setattr(sisa_train, "_run_stages", spy)
     res = sisa.verify(model_dir)
+    # each program has exactly the slot count recorded for the checkpoints it reproduces (XLA
+    # CPU results depend on it: measured 3e-8 between 1- and 8-slot programs)
+    assert calls and all(want == {n} for n, want in calls)
+    assert {n for n, _ in calls} >= {1, 2}
     assert res["ok"] and res["max_abs_diff"] == 0.0 and res["units_checked"] == 9
     assert res["version"] == 5 and res["missing_retained"] == []
     # a model that is NOT the retrained one is caught: serve another unit in one slot
@@ -276,12 +295,12 @@ def test_concurrent_forgets_in_subprocesses(model_dir, n):
 
 def test_torn_and_malformed_ledger_lines(model_dir):
     led = model_dir / "ledger.jsonl"
-    good = led.read_bytes()
     with open(led, "ab") as f:
         f.write(b'{"request": 1, "op": "forget", "ver')  # a crash mid-append
     assert sisa.status(model_dir)["version"] == 0
     assert not store.forget_persistent(model_dir, [_trained_names(model_dir)[0]])["noop"]
     assert [e["request"] for e in sisa.read_ledger(model_dir)] == [0, 1]
+    good = led.read_bytes()
     for bad, match in ((b'{"request": 1, "op": "forget"}\n', "wrong shape"),
                        (b"[1, 2]\n", "not a JSON object"), (b"garbage\n", "not JSON"),
                        (b'{"request": 7, "op": "forget", "version": 7, "ids": [], "digest": "x",'
@@ -290,6 +309,11 @@ def test_torn_and_malformed_ledger_lines(model_dir):
         with pytest.raises(sisa.ModelDirError, match=match):
             sisa.status(model_dir)
         assert sisa.cli(["forget", str(model_dir), "--ids", "x"]) == 2
+    led.write_bytes(good)
+    man = next((model_dir / "versions").iterdir())
+    man.write_text("garbage")  # the version pointer / manifest
+    with pytest.raises(sisa.ModelDirError, match="v000001.json .* is missing or corrupt"):
+        sisa.status(model_dir)
     (model_dir / "ledger.jsonl").unlink()
     (model_dir / "CURRENT").write_text("garbage\n")  # a directory of the old format
     with pytest.raises(sisa.ModelDirError, match="older version"):

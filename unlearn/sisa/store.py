@@ -6,7 +6,7 @@ Layout of ``MODEL_DIR`` (format 2)::
     config.json        data, model, plan, training settings, seed (written once)
     layout.npz         every trained id, its shard, its earliest slice and a content hash
     ledger.jsonl       append-only: one JSON line per request (request 0 = training)
-    units/<digest>/    one orbax PyTree checkpoint per (shard, stage): {params, opt_state}
+    units/<digest>/    one orbax PyTree checkpoint per (shard, stage): {variables, opt_state}
     versions/vNNNNNN.json  the served version's manifest: the unit digest of every (stage, shard)
     LOCK, READ.lock    OS locks (fcntl.flock): one writer; readers vs the purge
 
@@ -284,7 +284,7 @@ def _file_sums(d: Path) -> dict[str, str]:
 
 
 def _save_unit(root: Path, unit) -> tuple[str, dict]:
-    """Save ``{params, opt_state}`` as ``units/<digest>`` unless that content is stored;
+    """Save ``{variables, opt_state}`` as ``units/<digest>`` unless that content is stored;
     returns the digest and the checksums of the unit's files."""
     digest = _digest(unit)
     final = root / UNITS / digest
@@ -304,7 +304,7 @@ def _save_unit(root: Path, unit) -> tuple[str, dict]:
     return digest, sums
 
 
-def _load_unit(root: Path, u: dict, template):
+def _load_unit(root: Path, u: dict, template):  # template: ShapeDtypeStructs
     """Restore one unit, after checking its files against the manifest's checksums (so a
     damaged checkpoint is reported before orbax reads it: a failed orbax restore leaves
     tensorstore callbacks that print "Event loop is closed" tracebacks at exit)."""
@@ -541,40 +541,39 @@ def _model(name: str, num_classes: int, kwargs: str):
     return models_lib.make(name, num_classes, **kw)
 
 
-def _template(model, cfg, x_shape, shards: int):
-    """Shapes of one (params, opt_state) unit by shape inference (no compilation)."""
-    import jax
-    import jax.numpy as jnp
-
-    from unlearn.train import cast, make_optimizer
-
-    opt = make_optimizer(cfg)
-
-    def one(k):
-        p = cast(model.init(k, jnp.zeros((1, *x_shape), cfg.dtype)), cfg.dtype)
-        return {"params": p, "opt_state": opt.init(p)}
-
-    return jax.eval_shape(one, jax.random.key(0))
-
-
-def _load_ckpts(d: Dir, model, cfg, x_shape):
-    """The served checkpoints stacked (R+1, S) as ``(params, opt_state)`` host arrays."""
+def _template(model, cfg, x_shape, key):
+    """Shapes of one ``{variables, opt_state}`` unit by shape inference of the trainer's own
+    initialisation (no compilation)."""
     import jax
 
-    tmpl = _template(model, cfg, x_shape, len(d.manifest["units"][0]))
+    from unlearn.data import Dataset
+    from unlearn.sisa.train import _init_stack
+
+    one = Dataset(np.zeros((1, *x_shape), np.float32), np.zeros(1, np.int32), np.array(["0"]),
+                  1, "template")
+    v, o = jax.eval_shape(lambda: _init_stack(model, one, cfg, key, 1))
+    drop = lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)  # noqa: E731
+    return {"variables": jax.tree.map(drop, v), "opt_state": jax.tree.map(drop, o)}
+
+
+def _load_ckpts(d: Dir, model, cfg, x_shape, key):
+    """The served checkpoints stacked (R+1, S) as ``(variables, opt_state)`` host arrays."""
+    import jax
+
+    tmpl = _template(model, cfg, x_shape, key)
     rows = [[_load_unit(d.root, u, tmpl) for u in row] for row in d.manifest["units"]]
     stack = jax.tree.map(lambda *a: np.stack(a), *[jax.tree.map(lambda *b: np.stack(b), *row)
                                                    for row in rows])
-    return stack["params"], stack["opt_state"]
+    return stack["variables"], stack["opt_state"]
 
 
 def _split_units(ckpts) -> list[list]:
-    """(R+1, S)-stacked (params, opt_state) -> grid of per-unit pytrees."""
+    """(R+1, S)-stacked (variables, opt_state) -> grid of per-unit pytrees."""
     import jax
 
     p, o = ckpts
     n_r, n_s = jax.tree.leaves(p)[0].shape[:2]
-    return [[{"params": jax.tree.map(lambda a, r=r, s=s: np.asarray(a[r, s]), p),
+    return [[{"variables": jax.tree.map(lambda a, r=r, s=s: np.asarray(a[r, s]), p),
               "opt_state": jax.tree.map(lambda a, r=r, s=s: np.asarray(a[r, s]), o)}
              for s in range(n_s)] for r in range(n_r)]
 
@@ -611,19 +610,26 @@ def create(root: str | Path, *, data: str, model: str = "mlp", shards: int = 4, 
 
     root = Path(root)
     plan = Plan(shards, slices, assignment, overlap)
+    from types import SimpleNamespace
+
+    check_config(SimpleNamespace(epochs=epochs, lr=lr, batch_size=batch_size, l2=l2))
     tc = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, l2=l2)
-    check_config(tc)
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"{root} is a file; pass a directory for the model.")
+    taken = (root / LEDGER, root / CONFIG, root / CURRENT)
+    if any(p.exists() for p in taken):
+        raise FileExistsError(f"{root} already holds a SISA model; pick a new directory or "
+                              "delete it first.")
+    # everything that can be wrong with the input is found before the directory is made
+    split = data_lib.load(data, seed=seed, test_fraction=test_fraction)
+    ds = split.train
+    m = models_lib.make(model, ds.num_classes, **(model_kwargs or {}))
+    check_model(m, ds, tc.dtype)
     root.mkdir(parents=True, exist_ok=True)
     with write_lock(root, "train", lock_timeout):
-        if (root / LEDGER).exists() or (root / CONFIG).exists() or (root / CURRENT).exists():
-            raise FileExistsError(f"{root} already holds a SISA model; pick a new directory or "
-                                  "delete it first.")
-        split = data_lib.load(data, seed=seed, test_fraction=test_fraction)
-        ds = split.train
-        m = models_lib.make(model, ds.num_classes, **(model_kwargs or {}))
-        check_model(m, ds, tc.dtype)
+        if any(p.exists() for p in taken):
+            raise FileExistsError(f"{root} already holds a SISA model (written by another "
+                                  "process meanwhile); pick a new directory.")
         state = train(m, ds, tc, plan, jax.random.key(seed))
         check_finite(state.ckpts)
         cfgd = {"format": FORMAT, "data": data, "model": model, "model_kwargs": model_kwargs or {},
@@ -671,7 +677,7 @@ def _state(d: Dir, need_train: bool):
     tr, present, test = _load_data(d)  # depends on the layout only, which never changes
     with _flock(d.root / READ_LOCK, fcntl.LOCK_SH):
         d = _read_dir(d.root)
-        ckpts = _load_ckpts(d, model, tc, tr.x.shape[1:])
+        ckpts = _load_ckpts(d, model, tc, tr.x.shape[1:], key)
     alive = ~np.isin(d.ids, list(d.forgotten()))
     missing = d.ids[alive & ~present]
     if need_train and len(missing):
@@ -845,18 +851,19 @@ def verify(root: str | Path) -> dict:
     while any(segs.values()):
         heads = {s: seg[0] for s, seg in segs.items() if seg}
         for k in sorted({h[2] for h in heads.values()}):
-            group = [s for s, h in heads.items() if h[2] == k]
-            others = [s for s in range(S) if s not in group]
-            pad = (others * k)[: max(0, k - len(group))] if others else [group[0]] * (
-                k - len(group))
-            sh = np.array(group + pad)
-            st = np.array([heads[s][0] - 1 for s in group] + [R] * len(pad))
-            ck, _ = _run_stages(state._replace(ckpts=ref, mesh=None), sh, st, x, y)
-            for s in group:
-                a, b, _ = heads[s]
-                ref = jax.tree.map(lambda dst, src, s=s, a=a, b=b: _put(dst, src, s, a, b),
-                                   ref, ck)
-                segs[s] = segs[s][1:]
+            same_k = [s for s, h in heads.items() if h[2] == k]
+            for c in range(0, len(same_k), k):  # a k-slot program holds at most k shards
+                group = same_k[c: c + k]
+                others = [s for s in range(S) if s not in group] or group[:1]
+                pad = (others * k)[: k - len(group)]
+                sh = np.array(group + pad)
+                st = np.array([heads[s][0] - 1 for s in group] + [R] * len(pad))
+                ck, _ = _run_stages(state._replace(ckpts=ref, mesh=None), sh, st, x, y)
+                for s in group:
+                    a, b, _ = heads[s]
+                    ref = jax.tree.map(lambda dst, src, s=s, a=a, b=b: _put(dst, src, s, a, b),
+                                       ref, ck)
+                    segs[s] = segs[s][1:]
     diff = 0.0
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(state.ckpts), strict=True):
         a, b = np.asarray(a)[:, check], np.asarray(b)[:, check]
