@@ -9,7 +9,8 @@ Setting (issue 13): 4 000 MNIST digits (the first 4 000 of the 5 000 real digits
 weights), Adam 1e-3, the seed tutorial's CNN (conv 32/64/128 + ReLU + 2× max-pool, dense 512,
 10 classes; ``models.cnn(10, image_shape=(28, 28, 1))``), float32. Every row trains the same 8
 models on the same batches from the same initialisation; the time is one full training run
-(all shards, all epochs) after a warm-up step that compiles.
+(all shards, all epochs) after a warm-up step that compiles; within one process the
+strategies' epochs run interleaved round-robin, so a change of load hits them alike.
 
 Strategies (one optimiser step of all S members per call unless noted):
 
@@ -25,8 +26,10 @@ Strategies (one optimiser step of all S members per call unless noted):
   0.10.2 has no ``--xla_cpu_use_mkl_dnn``, and ``--xla_cpu_use_thunk_runtime`` is obsolete —
   the thunk runtime is the default) and XNNPACK graph fusion.
 - ``torch``: the obvious PyTorch alternative (optional; ``pip install torch==2.13.0``): one
-  ``nn.Module`` per shard trained in a Python loop, ``torch.set_num_threads(2)``, same data,
-  batches, weights, Adam.
+  ``nn.Module`` per shard trained in a Python loop (``benchmarks/_torch.py``), same data,
+  batches, weights, Adam; with ``torch.set_num_threads(1)`` and ``(2)``. On a machine loaded
+  by other jobs PyTorch's OpenMP threads spin-wait for descheduled siblings, so 2 threads can
+  be many times slower than 1: the faster row is the reference.
 
 The machine is shared and noisy: compare rows of one run (ratios), and read the load average
 printed with the table.
@@ -174,8 +177,10 @@ def build_step(strategy: str, model, opt):
     raise ValueError(f"strategy={strategy!r} is unknown.")
 
 
-def run_jax(strategy: str, epochs: int) -> dict:
-    """Train the S-member ensemble once with ``strategy``; wall time after a compile step."""
+def run_jax(strategies: list[str], epochs: int) -> dict:
+    """Train the S-member ensemble with every strategy, epochs interleaved round-robin (epoch
+    e of every strategy, then epoch e + 1, …) so load changes hit all strategies alike. Each
+    strategy compiles first (timed separately); its time is the sum of its epoch times."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -189,82 +194,58 @@ def run_jax(strategy: str, epochs: int) -> dict:
     keys = jax.random.split(jax.random.key(0), S)
     init = jax.jit(jax.vmap(lambda k: (lambda v: (v, opt.init(v)))(model.init(k, x[:1]))))
     xd, yd = jnp.asarray(x), jnp.asarray(y)
-    step = build_step(strategy, model, opt)
     idx_d, w_d = jnp.asarray(idx), jnp.asarray(w)
 
-    def fresh():
+    def fresh(strategy):
         P, St = init(keys)
         if strategy == "loop":
             P = [jax.tree.map(lambda a, s=s: a[s], P) for s in range(S)]
             St = [jax.tree.map(lambda a, s=s: a[s], St) for s in range(S)]
         return P, St
 
-    P, St = fresh()
-    t0 = time.perf_counter()
-    jax.block_until_ready(step(P, St, xd, yd, idx_d[0, 0], w_d[0, 0]))  # compile
-    compile_s = time.perf_counter() - t0
-    P, St = fresh()
-    jax.block_until_ready((P, St))
-    t0 = time.perf_counter()
-    losses = []
+    steps, state, out = {}, {}, {}
+    for name in strategies:
+        steps[name] = build_step(name, model, opt)
+        P, St = fresh(name)
+        t0 = time.perf_counter()
+        jax.block_until_ready(steps[name](P, St, xd, yd, idx_d[0, 0], w_d[0, 0]))  # compile
+        state[name] = jax.block_until_ready(fresh(name))
+        out[name] = {"compile_s": time.perf_counter() - t0, "epochs_s": [], "data": source}
     for e in range(epochs):
-        for t in range(idx.shape[1]):
-            P, St, loss = step(P, St, xd, yd, idx_d[e, t], w_d[e, t])
-            if t == idx.shape[1] - 2:
-                losses.append(loss)
-    jax.block_until_ready((P, St))
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "compile_s": compile_s, "data": source,
-            "last_loss": float(np.mean(np.asarray(losses[-1])))}
+        for name in strategies:
+            P, St = state[name]
+            t0 = time.perf_counter()
+            for t in range(idx.shape[1]):
+                P, St, loss = steps[name](P, St, xd, yd, idx_d[e, t], w_d[e, t])
+                if t == idx.shape[1] - 2:
+                    last = loss
+            jax.block_until_ready((P, St))
+            out[name]["epochs_s"].append(time.perf_counter() - t0)
+            out[name]["last_loss"] = float(np.mean(np.asarray(last)))
+            state[name] = (P, St)
+    for name in strategies:
+        out[name]["seconds"] = float(np.sum(out[name]["epochs_s"]))
+    return out
 
 
 # ----------------------------------------------------------------------------- PyTorch
 
 
 def run_torch(epochs: int, threads: int = 2) -> dict:
-    """The obvious PyTorch alternative: one nn.Module per shard, trained in a Python loop."""
-    import torch
+    """The obvious PyTorch alternative: one nn.Module per shard, trained in a Python loop.
+    With 2 threads only the first epoch is run and its time scaled by ``epochs`` (on a loaded
+    machine that row can be tens of times slower; it is reported, not waited for)."""
+    from benchmarks._torch import sisa_loop
+    from unlearn import models
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
     x, y, source = load_data()
-    idx, w = schedule(len(x), S, epochs, BATCH)
-    xt = torch.from_numpy(x).reshape(-1, 1, 28, 28)
-    yt = torch.from_numpy(y).long()
-    nn = torch.nn
-
-    def net():
-        return nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(128 * 3 * 3, 512), nn.ReLU(), nn.Linear(512, 10))
-
-    def train_step(m, opt, i, wb):
-        opt.zero_grad()
-        ce = nn.functional.cross_entropy(m(xt[i]), yt[i], reduction="none")
-        loss = (ce * wb).sum() / wb.sum().clamp(min=1.0)
-        loss.backward()
-        opt.step()
-        return loss
-
-    warm = net()
-    warm_opt = torch.optim.Adam(warm.parameters(), LR)
-    train_step(warm, warm_opt, torch.from_numpy(idx[0, 0, 0]).long(), torch.from_numpy(w[0, 0, 0]))
-    nets = [net() for _ in range(S)]
-    opts = [torch.optim.Adam(m.parameters(), LR) for m in nets]
-    idx_t, w_t = torch.from_numpy(idx).long(), torch.from_numpy(w)
-    t0 = time.perf_counter()
-    last = []
-    for s in range(S):  # each shard trained to the end on its own (SISA's natural loop)
-        for e in range(epochs):
-            for t in range(idx.shape[1]):
-                loss = train_step(nets[s], opts[s], idx_t[e, t, s], w_t[e, t, s])
-                if e == epochs - 1 and t == idx.shape[1] - 2:
-                    last.append(float(loss))
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "compile_s": 0.0, "data": source,
-            "last_loss": float(np.mean(last)), "torch": torch.__version__}
+    run_epochs = epochs if threads == 1 else 1
+    idx, w = schedule(len(x), S, run_epochs, BATCH)
+    spec = models.cnn(10, image_shape=(28, 28, 1)).spec
+    res = sisa_loop(spec, x, y, idx, w, lr=LR, threads=threads)
+    res["seconds"] *= epochs / run_epochs
+    return {**res, "compile_s": 0.0, "data": source,
+            "note": "" if run_epochs == epochs else f" (1 epoch × {epochs})"}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -281,38 +262,44 @@ def _child(kind: str, flags: str, strategies: list[str], epochs: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def table(rows: list[dict], epochs: int, data_source: str, wall: float) -> str:
+def table(rows: list[dict], epochs: int, data_source: str, wall: float,
+          load0: float) -> str:
     import jax
 
     base = next((r["seconds"] for r in rows if r["flags"] == "default"
                  and r["strategy"] == "unroll" and "seconds" in r), None)
-    torch_s = next((r["seconds"] for r in rows if r["strategy"] == "torch" and "seconds" in r),
-                   None)
+    # the faster PyTorch row is the reference (OpenMP threads spin badly on a loaded machine)
+    torch_s = min((r["seconds"] for r in rows if r["strategy"] == "torch" and "seconds" in r),
+                  default=None)
     steps = epochs * -(-N // S // BATCH)
     lines = [
         "## CNN ensemble strategies on CPU (`python -m benchmarks.cnn_strategies`)", "",
         f"Machine: {platform.machine()} ({platform.processor() or 'cpu'}), {os.cpu_count()} CPU "
-        f"cores shared with other jobs, jax {jax.__version__}; load average "
-        f"{os.getloadavg()[0]:.1f} at the end of the run ({wall:.0f} s in all). SISA training "
-        f"of S = {S} tutorial CNNs (conv 32/64/128, dense 512) on {N} {data_source} digits "
+        f"cores shared with other jobs, jax {jax.__version__}; load average {load0:.1f} at the "
+        f"start and {os.getloadavg()[0]:.1f} at the end of the run ({wall:.0f} s in all). "
+        f"SISA training of S = {S} tutorial CNNs (conv 32/64/128, dense 512) on {N} "
+        f"{data_source} digits "
         f"(28×28×1), {epochs} epochs, batch {BATCH}, Adam {LR:g}: {steps} steps per shard, "
         "one timed run per row after a compiling warm-up, all rows in one run (each flag set in "
-        "its own process). `last loss` (mean over shards of the last full batch's loss) checks "
+        "its own process, its strategies' epochs interleaved round-robin). "
+        "`last loss` (mean over shards of the last full batch's loss) checks "
         "that every row trains the same models.", "",
-        "| XLA flags | strategy | time (s) | ms per step of all S | vs unroll (default) | "
-        "vs PyTorch | compile (s) | last loss |",
-        "|---|---|---|---|---|---|---|---|"]
+        "| XLA flags | strategy | time (s) | best epoch × E (s) | ms per step of all S | "
+        "vs unroll (default) | vs PyTorch | compile (s) | last loss |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "seconds" not in r:
             lines.append(f"| {r['flags']} | {r['strategy']} | failed: {r.get('error')} |"
-                         " | | | | |")
+                         " | | | | | |")
             continue
         rel = f"{base / r['seconds']:.2f}×" if base else "–"
         vt = f"{torch_s / r['seconds']:.2f}×" if torch_s else "–"
-        lines.append(f"| {r['flags']} | {r['strategy']} | {r['seconds']:.2f} | "
+        best = f"{min(r['epochs_s']) * epochs:.2f}" if r.get("epochs_s") else "–"
+        lines.append(f"| {r['flags']} | {r['strategy']} | {r['seconds']:.2f} | {best} | "
                      f"{1e3 * r['seconds'] / steps:.0f} | {rel} | {vt} | "
                      f"{r['compile_s']:.1f} | {r['last_loss']:.3f} |")
-    lines += ["", "`vs` columns are speed ratios (> 1× = faster than the reference row)."]
+    lines += ["", "`vs` columns are speed ratios (> 1× = faster than the reference row); "
+              "`vs PyTorch` is against the faster of the two PyTorch rows."]
     return "\n".join(lines)
 
 
@@ -326,13 +313,14 @@ def main(argv=None) -> None:
     ap.add_argument("--strategies", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        res = {}
-        for s in a.strategies.split(","):
-            res[s] = run_torch(a.epochs) if a.child == "torch" else run_jax(s, a.epochs)
-            print(s, res[s], file=sys.stderr, flush=True)
+        names = a.strategies.split(",")
+        if a.child == "torch":
+            res = {s: run_torch(a.epochs, int(s[len("torch"):])) for s in names}
+        else:
+            res = run_jax(names, a.epochs)
         print(json.dumps(res))
         return
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     rows = []
     only = set(filter(None, a.only.split(",")))
     plan = [(f, st) for f, st in PLAN if not only or f in only]
@@ -344,12 +332,14 @@ def main(argv=None) -> None:
     if not a.no_torch:
         try:
             import torch  # noqa: F401
-            res = _child("torch", "", ["torch"], a.epochs)
-            rows.append({"flags": "PyTorch 2 threads", "strategy": "torch", **res["torch"]})
-            print(rows[-1], flush=True)
+            res = _child("torch", "", ["torch1", "torch2"], a.epochs)
+            for s, th in (("torch1", 1), ("torch2", 2)):
+                rows.append({"flags": f"PyTorch, {th} thread(s){res[s].get('note', '')}",
+                             "strategy": "torch", **res[s]})
+                print(rows[-1], flush=True)
         except ImportError:
             print("torch not installed: PyTorch row skipped (pip install torch==2.13.0)")
-    text = table(rows, a.epochs, load_data()[2], time.perf_counter() - t0)
+    text = table(rows, a.epochs, load_data()[2], time.perf_counter() - t0, load0)
     print(text)
     if not a.no_write:
         from benchmarks._common import write_section

@@ -81,6 +81,40 @@ def training_rows(tr) -> list[dict]:
     return rows
 
 
+def torch_rows(tr, rows: list[dict], shards: int = 8) -> list[dict]:
+    """Optional rows (the ``torch`` extra): the obvious PyTorch alternative, one ``nn.Module``
+    per shard trained in a Python loop (2 threads), same model sizes, shard sizes, epochs,
+    batch 32 and Adam 1e-3 (``benchmarks/_torch.py``); skipped when torch is absent."""
+    try:
+        from benchmarks._torch import sisa_loop
+    except ImportError:
+        print("torch not installed: PyTorch rows skipped (pip install torch==2.13.0)")
+        return []
+    from benchmarks.cnn_strategies import schedule
+
+    idx, w = schedule(len(tr), shards, EPOCHS, 32)
+    out = []
+    for name, m in _models(tr.num_classes).items():
+        ours = next(r["batched_s"] for r in rows if r["model"] == name and r["S"] == shards)
+        t = {th: statistics.median(sisa_loop(m.spec, tr.x, tr.y, idx, w, threads=th)["seconds"]
+                                   for _ in range(REPEATS)) for th in (1, 2)}
+        out.append({"model": name, "S": shards, "batched_s": ours, "torch1_s": t[1],
+                    "torch2_s": t[2]})
+        print(out[-1], flush=True)
+    return out
+
+
+def torch_table(rows: list[dict]) -> str:
+    lines = ["", "PyTorch loop (torch 2.13 CPU, one `nn.Module` per shard, 1 and 2 threads; same "
+             "run; speed vs the faster PyTorch row, > 1× = the project is faster):", "",
+             "| model | S | batched (s) | PyTorch 1 thread (s) | PyTorch 2 threads (s) | "
+             "speed vs PyTorch |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['S']} | {r['batched_s']:.3f} | {r['torch1_s']:.3f} | "
+              f"{r['torch2_s']:.3f} | "
+              f"{min(r['torch1_s'], r['torch2_s']) / r['batched_s']:.2f}× |" for r in rows]
+    return "\n".join(lines)
+
+
 def forget_row(tr) -> dict:
     cfg = train.TrainConfig(epochs=20, batch_size=32, lr=1e-3)
     key = jax.random.key(0)
@@ -142,10 +176,13 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     tr = load(a.data, a.n)
     rows = training_rows(tr)
+    trows = torch_rows(tr, rows)
     forgets = [(a.data, forget_row(tr))]
     if a.data != "digits":
         forgets.append(("digits", forget_row(load("digits", 0))))
     text = table(a.data, len(tr), rows, forgets)
+    if trows:
+        text += "\n" + torch_table(trows)
     print(text)
     if not a.no_write:
         write_section("sisa", text)
