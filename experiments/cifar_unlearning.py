@@ -46,6 +46,7 @@ CONFIGS = {
     "random10": _BASE,
     "class": {**_BASE, "forget": ("class", 0)},
     "smoke": {**_BASE, "model_kwargs": {"width": 8}, "epochs": 1, "batch_size": 32,
+              "augment": "none",
               "method_hparams": {"finetune": {"epochs": 1},
                                  "salun": {"ratio": 0.5, "epochs": 1}},
               "max_examples": 64},

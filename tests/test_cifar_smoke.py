@@ -8,6 +8,7 @@ from experiments import cifar_unlearning
 from unlearn import runner
 
 
+@pytest.mark.slow  # ~35 s CPU (ResNet-18 compiles for training and two methods)
 def test_cifar_resnet18_smoke_on_mocked_tfds(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
