@@ -6,7 +6,6 @@ import json
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from unlearn import data, models, sisa, train
 
@@ -155,107 +154,6 @@ def test_aggregation_hand_computed():
                                rtol=1e-6)
     with pytest.raises(ValueError, match="aggregation"):
         sisa.aggregate(logits, np.ones(3), "median")
-
-
-# ----------------------------------------------------------------------------- persistence
-
-
-def _folder(root, n_per=8):
-    rng = np.random.default_rng(0)
-    colours = {"Away": (200, 30, 30), "Home": (30, 30, 200), "Third": (30, 160, 30)}
-    for cname, col in colours.items():
-        (root / cname).mkdir(parents=True)
-        for i in range(n_per):
-            img = np.clip(np.array(col) + rng.normal(0, 25, (8, 8, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / cname / f"{cname}_image{i:02d}.png")
-    return f"folder:{root}"
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    spec = _folder(tmp_path / "imgs")
-    d = tmp_path / "model"
-    assert sisa.cli(["train", str(d), "--data", spec, "--model", "logreg", "--shards", "2",
-                     "--slices", "2", "--epochs", "2", "--batch-size", "8", "--lr", "0.01"]) == 0
-    return d
-
-
-def _served(d):
-    st, v, _ = sisa.load(d)
-    return st, v
-
-
-def test_persistent_forget_verify_and_noop(model_dir, capsys):
-    st0, v0 = _served(model_dir)
-    name = [i for i in st0.data.ids.tolist() if i.startswith("Away/")][0].split("/")[1]
-    assert sisa.cli(["forget", str(model_dir), "--ids", name]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["version"] == v0 + 1 and not out["noop"]
-    st1, v1 = _served(model_dir)
-    assert (~st1.alive).sum() == 1 and st1.data.ids[~st1.alive][0] == f"Away/{name}"
-    # equals a from-scratch training without the id, with the stored plan
-    scratch = sisa.train(st0.model, st0.data.without([f"Away/{name}"]), st0.cfg, st0.plan,
-                         st0.key, layout=st0.layout)
-    assert _max_diff(st1.ckpts, scratch.ckpts) <= ATOL
-    assert sisa.cli(["verify", str(model_dir)]) == 0
-    assert json.loads(capsys.readouterr().out)["ok"]
-    assert sisa.cli(["forget", str(model_dir), "--ids", name]) == 0  # twice: a no-op
-    out = json.loads(capsys.readouterr().out)
-    assert out["noop"] and out["already_forgotten"] == [f"Away/{name}"]
-    assert len(sisa.read_ledger(model_dir)) == 1
-    assert sisa.cli(["forget", str(model_dir), "--ids", "nobody.png"]) == 2
-    assert "not in the dataset" in capsys.readouterr().err
-    assert sisa.cli(["status", str(model_dir)]) == 0
-    assert json.loads(capsys.readouterr().out)["forgotten"] == 1
-
-
-@pytest.mark.parametrize("where", ["after_checkpoint", "after_ledger"])
-def test_interrupted_forget_is_consistent_and_repeatable(model_dir, monkeypatch, where):
-    st0, v0 = _served(model_dir)
-    ids = st0.data.ids[:2].tolist()
-
-    def boom(name):
-        if name == where:
-            raise RuntimeError("injected crash")
-
-    monkeypatch.setattr(sisa.store, "_crash_point", boom)
-    with pytest.raises(RuntimeError, match="injected"):
-        sisa.forget_persistent(model_dir, ids)
-    monkeypatch.setattr(sisa.store, "_crash_point", lambda name: None)
-    st, v = _served(model_dir)
-    if where == "after_checkpoint":  # not committed: the old model is served, request repeats
-        assert v == v0 and st.alive.all() and sisa.read_ledger(model_dir) == []
-        assert _max_diff(st.ckpts, st0.ckpts) == 0.0
-        out = sisa.forget_persistent(model_dir, ids)
-        assert not out["noop"] and out["version"] == v0 + 1
-    else:  # committed in the ledger: rolled forward on open, repeating is a no-op
-        assert v == v0 + 1 and (~st.alive).sum() == 2
-        assert sisa.forget_persistent(model_dir, ids)["noop"]
-    assert sisa.verify(model_dir)["ok"]
-
-
-def test_corrupt_or_missing_checkpoint_is_a_clear_error(model_dir, capsys):
-    vdir = model_dir / "versions" / "v000000"
-    before = (model_dir / "CURRENT").read_text()
-    victim = max((p for p in (vdir / "ckpt").rglob("*") if p.is_file()),
-                 key=lambda p: p.stat().st_size)
-    raw = bytearray(victim.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    victim.write_bytes(bytes(raw))
-    with pytest.raises(sisa.ModelDirError, match="corrupt"):
-        sisa.load(model_dir)
-    assert sisa.cli(["forget", str(model_dir), "--ids", "Away_image01.png"]) == 2
-    assert "nothing was changed" in capsys.readouterr().err
-    assert (model_dir / "CURRENT").read_text() == before
-    assert sisa.read_ledger(model_dir) == []
-    assert not (model_dir / "versions" / "v000001").exists()
-    import shutil
-
-    shutil.rmtree(vdir / "ckpt")
-    with pytest.raises(sisa.ModelDirError, match="missing or corrupt"):
-        sisa.load(model_dir)
-    with pytest.raises(sisa.ModelDirError, match="not a SISA model"):
-        sisa.load(model_dir.parent / "nowhere")
 
 
 def test_registered_method_matches_library(setting):

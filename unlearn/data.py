@@ -58,7 +58,7 @@ class Dataset:
 
     def positions(self, ids: Sequence[str] | np.ndarray, *, argname: str = "forget_ids"):
         """Row positions of ``ids``; unknown, duplicate or empty requests are errors."""
-        ids = np.asarray(ids, dtype=str).reshape(-1)
+        ids = as_ids(ids, argname)
         if ids.size == 0:
             raise ValueError(f"{argname} is empty: name at least one example id to forget.")
         uniq, counts = np.unique(ids, return_counts=True)
@@ -222,6 +222,12 @@ def load(
     if name.startswith("folder:") or (os.path.isdir(name) and not name.startswith("tfds:")):
         root = name.removeprefix("folder:")
         return split(image_folder(root, **kwargs), test_fraction=test_fraction, seed=seed)
+    if not name.startswith("tfds:") and (name.startswith(("/", "~", "."))
+                                         or os.path.exists(name)):
+        raise FileNotFoundError(
+            f"data={name!r} looks like a path but is not an image folder (root/<class>/<file>) "
+            f"that exists; pass folder:PATH with PATH an existing directory, or a dataset name "
+            f"(digits, mnist1d, a TFDS name).")
     return tfds_split(name.removeprefix("tfds:"), data_dir=data_dir, download=download,
                       normalize=normalize, **kwargs)
 
@@ -379,28 +385,41 @@ def image_folder(
     """Images under ``root/<class>/<file>``; ids are file names relative to ``root``.
 
     Classes are the sorted sub-folder names; pixels scaled to [0, 1], resized to ``size``.
+    Hidden entries (names starting with ``.``, e.g. ``.ipynb_checkpoints``, ``.DS_Store``) are
+    not data and are skipped; files without an image suffix are skipped. A class folder with no
+    images or an image that cannot be decoded is an error naming it.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     root_p = Path(root)
     if not root_p.is_dir():
         raise FileNotFoundError(f"image folder root={root!r} does not exist.")
-    classes = sorted(p.name for p in root_p.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in root_p.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"root={root!r} has no class sub-folders (expected root/<class>/<file>).")
     xs, ys, ids = [], [], []
     for c, cname in enumerate(classes):
-        for f in sorted((root_p / cname).iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            with Image.open(f) as im:
-                im = im.convert("L" if grayscale else "RGB").resize(size)
-                arr = np.asarray(im, dtype=np.float32) / 255.0
+        files = [f for f in sorted((root_p / cname).iterdir())
+                 if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+                 and f.is_file()]
+        if not files:
+            raise ValueError(
+                f"class folder {root_p / cname} holds no images ({'/'.join(IMAGE_SUFFIXES)}): "
+                "add images or remove the folder (every sub-folder of root is a class)."
+            )
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("L" if grayscale else "RGB").resize(size)
+                    arr = np.asarray(im, dtype=np.float32) / 255.0
+            except (UnidentifiedImageError, OSError) as e:
+                raise ValueError(
+                    f"image file {f} cannot be read ({type(e).__name__}: {e}); re-save it as a "
+                    "valid image or move it out of the folder."
+                ) from e
             xs.append(arr[..., None] if grayscale else arr)
             ys.append(c)
             ids.append(f"{cname}/{f.name}")
-    if not xs:
-        raise ValueError(f"no images with suffix {IMAGE_SUFFIXES} under root={root!r}.")
     ds = make(np.stack(xs), np.array(ys), num_classes=len(classes),
               ids=ids, name=f"folder:{root_p.name}")
     object.__setattr__(ds, "classes", classes)
@@ -451,6 +470,9 @@ def tfds_split(
 # ----------------------------------------------------------------------------- forget sets
 
 
+FORGET_KINDS = ("random", "class", "subclass", "ids", "hard")
+
+
 def select_forget(
     ds: Dataset,
     *,
@@ -460,13 +482,28 @@ def select_forget(
     cls: int | None = None,
     ids: Sequence[str] | None = None,
     seed: int = 0,
+    clusters: int = 3,
+    cluster: int = 0,
+    scores: np.ndarray | None = None,
+    neighbours: int = 10,
 ) -> np.ndarray:
-    """Choose the ids of a forget set.
+    """Choose the ids of a forget set; every kind is a deterministic function of its arguments.
 
-    kind: ``random`` (a seeded ``fraction`` or ``count`` of the data), ``class`` (every example
-    of class ``cls``) or ``ids`` (the given ids, validated).
+    kind:
+      * ``random``: a seeded ``fraction`` (or ``count``) of the data;
+      * ``class``: every example of class ``cls``;
+      * ``subclass``: a cluster inside class ``cls`` — k-means (scikit-learn, ``clusters``
+        centres, ``random_state=seed``, 10 restarts) on the flattened inputs of that class; the
+        cluster of size rank ``cluster`` (0 = largest; ties by smallest member position);
+      * ``ids``: the given ids, validated;
+      * ``hard``: the ``count`` (or ``fraction``) examples with the highest memorisation score.
+        With ``scores`` (one per example, e.g. self-influence from :mod:`unlearn.influence` or
+        a per-example training loss) those; otherwise the model-free proxy of *atypicality*
+        that Feldman & Zhang (2020) tie to memorisation: the fraction of an example's
+        ``neighbours`` nearest inputs (Euclidean, itself excluded) with another label.
+        Ties are broken by a seeded hash of the ids.
     """
-    if kind == "random":
+    if kind in ("random", "hard"):
         k = count if count is not None else int(round(fraction * len(ds)))
         if k < 1:
             raise ValueError(
@@ -475,19 +512,79 @@ def select_forget(
             )
         if k >= len(ds):
             raise ValueError(f"count={k} would forget every example ({len(ds)}).")
-        rng = np.random.default_rng(seed)
-        return ds.ids[np.sort(rng.choice(len(ds), size=k, replace=False))]
-    if kind == "class":
+        if kind == "random":
+            rng = np.random.default_rng(seed)
+            return ds.ids[np.sort(rng.choice(len(ds), size=k, replace=False))]
+        s = _hard_scores(ds, scores, neighbours)
+        tie = np.random.default_rng(seed).permutation(len(ds))
+        order = np.lexsort((tie, -s))
+        return ds.ids[np.sort(order[:k])]
+    if kind in ("class", "subclass"):
         if cls is None or not 0 <= cls < ds.num_classes:
             raise ValueError(f"cls must be a class in [0, {ds.num_classes}), got {cls}.")
-        out = ds.ids[ds.y == cls]
-        if out.size == 0:
+        rows = np.nonzero(ds.y == cls)[0]
+        if rows.size == 0:
             raise ValueError(f"class cls={cls} has no examples in {ds.name!r}.")
-        return out
+        if kind == "class":
+            return ds.ids[rows]
+        return ds.ids[_subclass_rows(ds, rows, clusters, cluster, seed)]
     if kind == "ids":
-        ds.positions(ids if ids is not None else [])
-        return np.asarray(ids, dtype=str)
-    raise ValueError(f"kind must be 'random', 'class' or 'ids', got {kind!r}.")
+        ds.positions(ids if ids is not None else [], argname="ids")
+        return as_ids(ids, "ids")
+    raise ValueError(f"kind must be one of {FORGET_KINDS}, got {kind!r}.")
+
+
+def _subclass_rows(ds: Dataset, rows: np.ndarray, clusters: int, cluster: int,
+                   seed: int) -> np.ndarray:
+    from sklearn.cluster import KMeans
+
+    if not 2 <= clusters <= len(rows):
+        raise ValueError(f"clusters={clusters} must be in [2, {len(rows)}] (the examples of "
+                         "the class).")
+    if not 0 <= cluster < clusters:
+        raise ValueError(f"cluster={cluster} must be a size rank in [0, {clusters}).")
+    x = np.asarray(ds.x[rows], np.float64).reshape(len(rows), -1)
+    lab = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(x).labels_
+    groups = sorted((np.nonzero(lab == c)[0] for c in range(clusters)),
+                    key=lambda g: (-len(g), g.min()))
+    return rows[np.sort(groups[cluster])]
+
+
+def _hard_scores(ds: Dataset, scores, neighbours: int) -> np.ndarray:
+    if scores is not None:
+        s = np.asarray(scores, np.float64).reshape(-1)
+        if s.shape != (len(ds),) or not np.isfinite(s).all():
+            raise ValueError(f"scores must be {len(ds)} finite values (one per example in "
+                             f"dataset order); got shape {np.shape(scores)}.")
+        return s
+    from sklearn.neighbors import NearestNeighbors
+
+    if not 1 <= neighbours < len(ds):
+        raise ValueError(f"neighbours={neighbours} must be in [1, {len(ds) - 1}].")
+    x = np.asarray(ds.x, np.float64).reshape(len(ds), -1)
+    nn = NearestNeighbors(n_neighbors=neighbours + 1).fit(x)
+    idx = nn.kneighbors(x, return_distance=False)
+    # drop the example itself (the first neighbour unless duplicates tie with it)
+    others = np.array([[j for j in r if j != i][:neighbours] for i, r in enumerate(idx)])
+    return np.mean(ds.y[others] != ds.y[:, None], axis=1)
+
+
+def as_ids(ids, argname: str = "ids") -> np.ndarray:
+    """``ids`` as a 1-d array of strings; an element of another type (an integer position, a
+    float) is an error, never converted with ``str``."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"{argname} must be a list of id strings, not one string {ids!r}.")
+    arr = np.asarray(ids if ids is not None else [], dtype=object).reshape(-1)
+    if arr.dtype.kind in "US":
+        return arr.astype(str)
+    wrong = [v for v in arr.tolist() if not isinstance(v, (str, np.str_))]
+    if wrong:
+        raise TypeError(
+            f"{argname} holds {type(wrong[0]).__name__} values {wrong[:10]}; ids are strings "
+            f"(a file name, a TFDS key, or a row index as text such as '2'), never positions: "
+            f"pass them as strings."
+        )
+    return arr.astype(str)
 
 
 def stable_hash(ids: np.ndarray) -> np.ndarray:

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
-
 from unlearn import sisa as sisa_lib
+from unlearn.data import as_ids
 from unlearn.methods.base import Result, Unlearner
 from unlearn.train import Fit, Problem
 
@@ -40,7 +39,7 @@ def sisa(shards: int = 4, slices: int = 2, assignment: str = "uniform",
 
     def forget(state: SisaMethodState, forget_ids, key):
         del key  # exact unlearning: a function of the problem's key only
-        ens, stats = sisa_lib.forget(state.ensemble, np.asarray(forget_ids, dtype=str))
+        ens, stats = sisa_lib.forget(state.ensemble, as_ids(forget_ids, "forget_ids"))
         result = Result(logits=lambda x: sisa_lib.predict(ens, x, aggregation), params=None,
                         stats=stats)
         return result, state._replace(ensemble=ens)

@@ -45,7 +45,8 @@ slower, so for conv nets on CPU the shard axis is unrolled at trace time inside 
 stacked shard axis on a mesh axis (``NamedSharding``) so shards train in parallel on devices.
 
 Persistent model: ``python -m unlearn.sisa train|forget|predict|verify|status`` over a model
-directory (orbax checkpoints, an append-only JSON-lines deletion ledger, a ``CURRENT`` pointer);
+directory (one orbax checkpoint per shard and stage, an append-only JSON-lines deletion ledger,
+an OS writer lock and a purge of everything trained on forgotten data);
 see :mod:`unlearn.sisa.store` and :func:`cli`.
 
 Layout of the package: :mod:`~unlearn.sisa.plan` (plan, layout, epochs per slice),
@@ -55,15 +56,23 @@ Layout of the package: :mod:`~unlearn.sisa.plan` (plan, layout, epochs per slice
 """
 
 from unlearn.sisa.cli import cli
-from unlearn.sisa.plan import Layout, Plan, make_layout, slice_epochs
+from unlearn.sisa.plan import (
+    Layout,
+    Plan,
+    check_config,
+    check_finite,
+    check_model,
+    make_layout,
+    slice_epochs,
+)
 from unlearn.sisa.store import (
     CONFIG,
-    CURRENT,
     LEDGER,
     ModelDirError,
     create,
     forget_persistent,
     load,
+    open_dir,
     read_ledger,
     resolve_ids,
     status,
@@ -82,8 +91,9 @@ from unlearn.sisa.train import (
 )
 
 __all__ = [
-    "CONFIG", "CURRENT", "LEDGER", "Layout", "ModelDirError", "Plan", "SisaState", "aggregate",
-    "cli", "create", "forget", "forget_persistent", "load", "make_layout", "predict",
-    "read_ledger", "resolve_ids", "resolve_strategy", "shard_logits", "slice_epochs", "status",
-    "train", "train_loop", "validate_forget", "verify",
+    "CONFIG", "LEDGER", "Layout", "ModelDirError", "Plan", "SisaState", "aggregate",
+    "check_config", "check_finite", "check_model", "cli", "create", "forget",
+    "forget_persistent", "load", "make_layout", "open_dir", "predict", "read_ledger",
+    "resolve_ids", "resolve_strategy", "shard_logits", "slice_epochs", "status", "train",
+    "train_loop", "validate_forget", "verify",
 ]

@@ -1,20 +1,44 @@
-"""Command line of the persistent SISA model: ``python -m unlearn.sisa ...``."""
+"""Command line of the persistent SISA model: ``python -m unlearn.sisa ...``.
+
+Exit status: 0 success, 1 ``verify`` found a difference (or could not check), 2 a clear error
+(message on stderr, the directory unchanged)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
 
-from unlearn import models as models_lib
-from unlearn.sisa.store import ModelDirError, create, forget_persistent, load, status, verify
-from unlearn.sisa.train import predict
+from unlearn.sisa.store import (
+    LOCK_TIMEOUT,
+    ModelDirError,
+    create,
+    forget_persistent,
+    load,
+    status,
+    verify,
+)
+
+
+def _compile_cache() -> None:
+    """Keep compiled programs between CLI runs (``$UNLEARN_JAX_CACHE``, default under the
+    system temp dir): a second ``forget`` does not recompile the training step."""
+    import jax
+
+    from unlearn.data import _cache_dir
+
+    path = os.environ.get("UNLEARN_JAX_CACHE") or str(_cache_dir() / "jax")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def cli(argv: list[str] | None = None) -> int:
     """``python -m unlearn.sisa {train,forget,predict,verify,status} MODEL_DIR ...``"""
+    from unlearn import models as models_lib
+
     ap = argparse.ArgumentParser(prog="python -m unlearn.sisa",
                                  description="A persistent SISA model (Bourtoule et al. 2021).")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -30,6 +54,8 @@ def cli(argv: list[str] | None = None) -> int:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--test-fraction", type=float, default=0.25,
+                   help="held-out share of the data (0 trains on everything)")
     f = sub.add_parser("forget", help="forget examples by id (file name for image folders)")
     f.add_argument("dir")
     f.add_argument("--ids", nargs="+", required=True)
@@ -38,27 +64,41 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--how", default="mean_prob", choices=["mean_prob", "vote"])
     for name in ("verify", "status"):
         sub.add_parser(name).add_argument("dir")
+    for q in (t, f):
+        q.add_argument("--lock-timeout", type=float, default=LOCK_TIMEOUT,
+                       help="seconds to wait for another writer (default %(default)s)")
     a = ap.parse_args(argv)
     try:
+        if a.cmd in ("train", "forget", "verify", "predict"):
+            _compile_cache()
         if a.cmd == "train":
             kw = {"features": (16, 32), "dense": 64} if a.model == "cnn" else {}
             st = create(a.dir, data=a.data, model=a.model, shards=a.shards, slices=a.slices,
                         assignment=a.assignment, overlap=a.overlap, epochs=a.epochs, lr=a.lr,
-                        batch_size=a.batch_size, seed=a.seed, model_kwargs=kw)
+                        batch_size=a.batch_size, seed=a.seed, test_fraction=a.test_fraction,
+                        model_kwargs=kw, lock_timeout=a.lock_timeout)
             out = {"trained": a.dir, "examples": len(st.data),
                    "shard_sizes": st.shard_sizes().tolist()}
         elif a.cmd == "forget":
-            out = forget_persistent(a.dir, a.ids)
+            out = forget_persistent(a.dir, a.ids, lock_timeout=a.lock_timeout)
         elif a.cmd == "predict":
-            st, v, test = load(a.dir)
+            from unlearn.sisa.train import predict
+
+            st, v, test = load(a.dir, need_train=False)
+            if len(test) == 0:
+                raise ValueError(f"{a.dir} has no held-out test examples (trained with "
+                                 "--test-fraction 0): nothing to score.")
             acc = float(np.mean(np.argmax(np.asarray(predict(st, test.x, a.how)), -1) == test.y))
-            out = {"version": v, "test_accuracy": acc, "aggregation": a.how}
+            out = {"version": v, "test_accuracy": acc, "aggregation": a.how,
+                   "test_examples": len(test)}
         elif a.cmd == "verify":
             out = verify(a.dir)
         else:
             out = status(a.dir)
-    except (ModelDirError, KeyError, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ModelDirError, KeyError, ValueError, TypeError, FileExistsError, FileNotFoundError,
+            FloatingPointError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
         return 2
-    print(json.dumps(out, indent=1, default=str))
+    print(json.dumps(out, indent=1, default=str, ensure_ascii=False))
     return 0 if out.get("ok", True) else 1

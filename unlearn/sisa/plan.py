@@ -17,9 +17,10 @@ import dataclasses
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from unlearn.data import Dataset, stable_hash
+from unlearn.data import Dataset, as_ids, stable_hash
 from unlearn.train import epoch_order, key_seed
 
 _SALT_SHARD = 0x5348415244  # "SHARD"
@@ -61,7 +62,7 @@ class Layout(NamedTuple):
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Rows of the layout holding ``ids``; ids outside the layout are an error."""
-        ids = np.asarray(ids, str)
+        ids = as_ids(ids, "ids")
         if ids.shape == self.ids.shape and np.array_equal(ids, self.ids):
             return np.arange(len(ids))  # the layout's own dataset (every request does this)
         order = np.argsort(self.ids)
@@ -123,3 +124,43 @@ def make_layout(plan: Plan, ds: Dataset, key: jax.Array) -> Layout:
         sl[rows] = np.searchsorted(ends, np.arange(ns), side="right")
     return Layout(np.asarray(ds.ids, str), shard, np.minimum(sl, R - 1), h)
 
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def check_config(cfg) -> None:
+    """Clear errors for training settings that cannot train: ``epochs``/``batch_size`` must be
+    integers ≥ 1, ``lr`` finite and > 0, ``l2`` finite and ≥ 0."""
+    import math
+
+    for name, flag in (("epochs", "--epochs"), ("batch_size", "--batch-size")):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name}={v!r} ({flag}): pass an integer ≥ 1.")
+    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"lr={cfg.lr!r} (--lr): pass a finite learning rate > 0, e.g. 1e-3.")
+    if not (math.isfinite(cfg.l2) and cfg.l2 >= 0):
+        raise ValueError(f"l2={cfg.l2!r}: pass a finite weight decay ≥ 0.")
+
+
+def check_model(model, ds: Dataset, dtype: str = "float32") -> None:
+    """The model must give one logit per class of ``ds`` (checked by shape inference only, no
+    compilation); fewer outputs than classes would train to a NaN loss."""
+    x1 = jax.ShapeDtypeStruct((1, *np.shape(ds.x)[1:]), jnp.dtype(dtype))
+    params = jax.eval_shape(model.init, jax.random.key(0), x1)
+    out = jax.eval_shape(model.apply, params, x1)
+    k = out.shape[-1] if out.ndim else 0
+    if out.ndim != 2 or k != ds.num_classes:
+        raise ValueError(f"model outputs shape {out.shape[1:]} per example but the data has "
+                         f"{ds.num_classes} classes: build the model with num_classes="
+                         f"{ds.num_classes} (e.g. models.make(name, {ds.num_classes})).")
+
+
+def check_finite(ckpts, where: str = "training") -> None:
+    """Error if any checkpoint holds NaN/inf (diverged training): nothing is saved."""
+    bad = [a for a in jax.tree.leaves(ckpts)
+           if np.issubdtype(np.asarray(a).dtype, np.floating) and not np.isfinite(a).all()]
+    if bad:
+        raise FloatingPointError(f"SISA {where} diverged (NaN/inf parameters); nothing was "
+                                 "saved. Lower the learning rate (--lr) or check the data.")
