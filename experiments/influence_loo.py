@@ -51,10 +51,10 @@ CONFIGS = {
 HEADLINES = {
     "n_train": ("results.n_train", "exact"),
     "test_indices": ("results.test_indices", "exact"),
-    "removed_ids": ("results.points[*].train_id", "exact"),
+    "removed_ids": ("results.points.*.train_id", "exact"),
     "pearson_exact": ("results.pearson.exact", "float64"),
     "pearson_cg": ("results.pearson.cg", "float64"),
-    "actual_loo_change": ("results.points[*].actual", "float64"),
+    "actual_loo_change": ("results.points.*.actual", "float64"),
 }
 
 
@@ -140,7 +140,7 @@ def plot(payload: dict, outdir) -> list:
         kind = {"binary_logreg": "binary logistic regression"}.get(cfg.get("model", "logreg"),
                                                                    "softmax regression")
         fig.suptitle(f"Leave-one-out on {what} ({kind}, λ={cfg['l2']:g}, "
-                     f"n={res['n_train']})")
+                     f"n={res['n_train']})", y=1.03)
         return plotting.savefig(fig, f"{outdir}/{NAME}.png")
 
 

@@ -135,6 +135,7 @@ def fit_perturbed(problem: Problem, b: jax.Array, *, weights: np.ndarray | None 
                    "converged": bool(gnorm <= tol)})
 
 
+@functools.partial(jax.jit, static_argnames=("apply",))
 def sum_gradient(apply, params: Params, x, y, w, l2: float, b) -> jax.Array:
     r"""Flat :math:`\nabla L_b(\theta; D')` of the **sum** form (:math:`\sum w` × mean form)."""
     theta, unravel = ravel_pytree(params)

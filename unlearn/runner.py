@@ -120,7 +120,10 @@ def get_path(obj: Any, path: str) -> Any:
 def headline_spec(module: ModuleType, fallback: dict | None = None) -> dict[str, tuple[str, str]]:
     """``module.HEADLINES`` (or ``fallback`` for a module without one); kinds validated."""
     spec = getattr(module, "HEADLINES", None) or fallback or {}
-    for name, (_, kind) in spec.items():
+    for name, (path, kind) in spec.items():
+        if "[" in path or "]" in path:
+            raise ValueError(f"{module.NAME}.HEADLINES[{name!r}] path {path!r}: use dots and "
+                             "'*' (e.g. 'results.points.*.actual'), not brackets.")
         if kind not in TOLERANCES:
             raise ValueError(f"{module.NAME}.HEADLINES[{name!r}] has kind {kind!r}; choose one "
                              f"of {sorted(TOLERANCES)}.")
