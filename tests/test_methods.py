@@ -174,3 +174,24 @@ def test_fisher_noise_spares_the_retained_data(setting):
 def test_unknown_method():
     with pytest.raises(ValueError, match="not registered"):
         methods.get("no-such-method")
+
+
+@pytest.mark.slow
+def test_every_method_runs_on_a_batchnorm_resnet_with_augmentation():
+    """Every registered non-convex method on a (narrow) BatchNorm ResNet-9 trained with crop +
+    flip: finite predictions and the variables' structure (params + batch_stats) kept."""
+    s = data.load("digits")
+    tr = s.train.subset(np.arange(120))
+    tr = data.make(tr.x.reshape(-1, 8, 8, 1), tr.y, num_classes=10, ids=tr.ids)
+    cfg = train.TrainConfig(epochs=2, batch_size=32, lr=3e-3, augment="crop_flip")
+    problem = train.Problem(models.resnet9(10, width=4), tr, cfg, jax.random.key(0))
+    trained = train.train(problem)
+    assert sorted(trained.params) == ["batch_stats", "params"]
+    for name in NAMES:
+        if methods.REGISTRY[name].convex_only:
+            continue
+        m = methods.get(name)
+        res, _ = m.forget(m.prepare(problem, trained), tr.ids[:6], jax.random.key(1))
+        assert np.isfinite(np.asarray(res.logits(tr.x[:10]))).all(), name
+        if res.params is not None:
+            assert jax.tree.structure(res.params) == jax.tree.structure(trained.params), name
