@@ -24,45 +24,193 @@ def nothing() -> Unlearner:
     return Unlearner("nothing", prepare_params, forget)
 
 
-# ----------------------------------------------------------------------------- hand-computed
+# ----------------------------------------------------------------------------- reference
+# An independent NumPy transcription of the NeurIPS 2023 challenge's scoring code,
+# google-deepmind/unlearning_evaluation @ ffae0fff4c3e9523b22618c47df6c26e4eebe0df (metric.py,
+# compute_forget_score_from_confs), written the slow, literal way: every threshold × every
+# model as a 0/1 float32 indicator matrix, one np.linspace per right end of the interval
+# family, the bucket table built by the reference's while-loop. torch ops are replaced by their
+# NumPy equivalents: torch.mean over models of float32 indicators = float32 count / N; the
+# single-threshold grid is torch.linspace in its default dtype float32 (CUDA kernel: start +
+# step*i below the midpoint, end - step*(steps-1-i) above, one rounding). Nothing is imported
+# from unlearn here.
+
+_DELTA, _CAP, _PER_UNIT = 1e-05, 50, 100
 
 
-def test_forgetting_score_hand_computed():
-    # One forget example, N = 4 models each. Unlearned outputs u, retrained outputs r:
-    u = np.array([[1.0], [2.0], [3.0], [4.0]])
-    r = np.array([[0.0], [1.0], [1.5], [2.5]])
-    # Thresholds t ∈ {0, 1, 1.5, 2, 2.5, 3, 4}. Attack "unlearned iff v ≥ t",
-    # FPR = #{r ≥ t}/4, FNR = #{u < t}/4, ε_t = max(log((1-δ-FPR)/FNR), log((1-δ-FNR)/FPR)):
-    #   t=0, 1:  FNR = 0 (no u below) -> skipped
-    #   t=1.5:   FPR = 2/4, FNR = 1/4 -> max(log(2 - 4δ), log(1.5 - 2δ)) = log(2 - 4δ)
-    #   t=2:     FPR = 1/4, FNR = 1/4 -> log(3 - 4δ)            <- the maximum
-    #   t=2.5:   FPR = 1/4, FNR = 2/4 -> log(2 - 4δ)
-    #   t=3, 4:  FPR = 0 -> skipped
-    # The reversed attacks ("unlearned iff v ≤ t") have FPR + FNR ≥ 1 here, so their ε ≤ 0.
-    # Hence ε = log(3 - 4δ) ≈ 1.0986; bucket = digitize(1.0986, [0, .5, 1, 1.5, ...]) = 3,
-    # H = 2 / 2^3 = 0.25.
-    delta = 1e-5
-    eps = mia.example_epsilon(u[:, 0], r[:, 0], delta)
-    assert eps == pytest.approx(np.log(3 - 4 * delta), rel=1e-12)
-    out = mia.score_from_outputs(u, r, retain_acc_u=0.9, retain_acc_r=1.0, test_acc_u=0.8,
-                                 test_acc_r=0.7)
-    # score = H · min(1, 0.9/1.0) · min(1, 0.8/0.7) = 0.25 · 0.9 · 1
-    assert out["forget_quality"] == pytest.approx(0.25)
-    assert out["score"] == pytest.approx(0.25 * 0.9)
+def _ref_torch_linspace_f32(lo, hi, steps):
+    out = np.zeros(steps, np.float32)
+    if steps == 0:
+        return out
+    a, b = np.float32(lo), np.float32(hi)
+    if steps == 1:
+        out[0] = a
+        return out
+    step = np.float32(b - a) / np.float32(steps - 1)
+    for i in range(steps):
+        if i < steps // 2:
+            out[i] = np.float32(float(a) + float(step) * i)
+        else:
+            out[i] = np.float32(float(b) - float(step) * (steps - i - 1))
+    return out
 
 
-def test_epsilon_edge_cases():
-    # Identical outputs: every threshold gives FPR = 1 - FNR, ε ≤ log((1-δ-x)/(1-x)) < 0 → 0.
-    same = np.array([0.0, 1.0, 2.0, 3.0])
-    assert mia.example_epsilon(same, same) == 0.0
-    assert mia.bucket_score(np.array([0.0]))[0] == 1.0
-    # Perfect separation: a threshold with FPR = FNR = 0 → ε = ∞ → the last bucket, 2/2^13.
-    eps = mia.example_epsilon(np.array([5.0, 6.0]), np.array([0.0, 1.0]))
-    assert eps == np.inf
-    assert mia.bucket_score(np.array([eps]))[0] == pytest.approx(2.0 / 2**13)
-    # Bucket edges: [0, .5) → 1, [.5, 1) → 1/2, [1, 1.5) → 1/4.
-    np.testing.assert_allclose(mia.bucket_score(np.array([0.49, 0.5, 1.0, 1.49])),
-                               [1.0, 0.5, 0.25, 0.25])
+def _ref_mean_models(ind):  # ind: [num models, num thresholds] float32 0/1
+    return ind.sum(0, dtype=np.float32) / np.float32(ind.shape[0])
+
+
+def _ref_double(pos, neg):
+    pos_diff = pos.max() - pos.min()
+    neg_diff = neg.max() - neg.min()
+    smallest = neg_diff if pos_diff > neg_diff else pos_diff
+    if pos_diff >= neg_diff:
+        pos, neg = neg, pos
+    buffer = 2.0
+    width = smallest
+    min_ = pos.min() + width - buffer
+    max_ = pos.max() + buffer
+    right = np.linspace(min_, max_, num=int(np.ceil((max_ - min_) * _PER_UNIT)))
+    n_left = int(np.ceil(2 * buffer * _PER_UNIT))
+    thr_l = np.concatenate([np.linspace(tr - width - buffer, tr - width + buffer, num=n_left)
+                            for tr in right])
+    thr_r = np.tile(right.reshape(-1, 1), (1, n_left)).reshape(-1)
+    rates = []
+    for c in (pos, neg):
+        pp = np.zeros(len(thr_l), np.float32)
+        for j in range(0, len(thr_l), 20000):  # chunks of thresholds (memory)
+            sl = slice(j, j + 20000)
+            ind = ((thr_l[sl][None] <= c[:, None]) & (c[:, None] <= thr_r[sl][None]))
+            pp[sl] = _ref_mean_models(ind.astype(np.float32))
+        pn = np.zeros_like(pp)
+        for j in range(0, len(thr_l), 20000):
+            sl = slice(j, j + 20000)
+            ind = ~((thr_l[sl][None] <= c[:, None]) & (c[:, None] <= thr_r[sl][None]))
+            pn[sl] = _ref_mean_models(ind.astype(np.float32))
+        rates.append((pp, pn))
+    (tpr, fnr), (fpr, tnr) = rates
+    return tpr, fnr, fpr, tnr
+
+
+def _ref_single(pos, neg):
+    both = np.concatenate([pos, neg])
+    n = int(np.ceil((both.max() - both.min()) * _PER_UNIT))
+    t = _ref_torch_linspace_f32(both.min(), both.max(), n).astype(np.float64)[None]
+    f32 = np.float32
+    tpr = _ref_mean_models((pos[:, None] >= t).astype(f32))
+    fpr = _ref_mean_models((neg[:, None] >= t).astype(f32))
+    tnr = _ref_mean_models((neg[:, None] < t).astype(f32))
+    fnr = _ref_mean_models((pos[:, None] < t).astype(f32))
+    return tpr, fnr, fpr, tnr
+
+
+def _ref_epsilons(pos_confs, neg_confs):
+    eps_all = []
+    for i in range(pos_confs.shape[1]):
+        pos, neg = pos_confs[:, i], neg_confs[:, i]
+        pos_diff = np.max(pos) - np.min(pos)
+        neg_diff = np.max(neg) - np.min(neg)
+        largest = pos_diff if pos_diff > neg_diff else neg_diff
+        smallest = neg_diff if pos_diff > neg_diff else pos_diff
+        with np.errstate(invalid="ignore"):
+            peaky = smallest / largest < 0.01  # 0/0 = nan: not peaky
+        if peaky:
+            eps_all.append(_CAP)
+            continue
+        d, s = _ref_double(pos, neg), _ref_single(pos, neg)
+        tpr, fnr, fpr, tnr = (np.concatenate([a, b]) for a, b in zip(d, s))
+        thr = np.zeros(len(tpr), np.float32)
+        thr = np.where((fpr + fnr == 0) & (tpr + tnr == 2), np.float32(np.inf), thr)
+        thr = np.where((thr == 0) & (fpr * fnr == 0), np.float32(np.nan), thr)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            e = np.clip(np.nanmax([np.log(1 - _DELTA - fpr) - np.log(fnr),
+                                   np.log(1 - _DELTA - fnr) - np.log(fpr)], axis=0), 0, None)
+        thr = np.where(thr == 0, e, thr)
+        kept = thr[~np.isnan(thr)]
+        if len(kept) == 0:
+            raise AssertionError("Something went wrong, all thresholds gave nan epsilon...")
+        eps_all.append(np.nanmax(kept))
+    return np.clip(eps_all, 0, _CAP)
+
+
+def _ref_forget_score(unlearned, retrained):
+    _, m = retrained.shape
+    r_pos = np.median(retrained, axis=0) > np.median(unlearned, axis=0)
+    pos = np.where(r_pos, retrained, unlearned)
+    neg = np.where(r_pos, unlearned, retrained)
+    eps = _ref_epsilons(pos, neg)
+    max_epsilon = np.ceil(np.log(unlearned.shape[0] - 1))
+    start, size, points, table = 0, 0.5, 1, {}
+    while start + size <= max_epsilon:
+        table[start] = points
+        points /= 2
+        start += size
+    score = 0
+    for e in eps:
+        for s, p in table.items():
+            if e < s + size:
+                score += p
+                break
+    return score / m, eps
+
+
+def _adversarial_cases():
+    rng = np.random.default_rng(2023)
+    out = {}
+    for n in (64, 512):
+        m = 3 if n == 512 else 6
+        g = lambda loc, sc, n=n, m=m: rng.normal(loc, sc, (n, m))  # noqa: E731
+        u = g(0, 1)
+        u[:, 0] = 1.5  # a constant unlearned column: peaky → ε = cap → 0 points
+        out[f"constant-unlearned N={n}"] = (u, g(0, 1))
+        out[f"both-constant-distinct N={n}"] = (np.full((n, m), 0.25), np.full((n, m), 2.0))
+        out[f"separated N={n}"] = (g(12, 1), g(0, 1))  # FPR = FNR = 0 somewhere → ε = ∞ → cap
+        out[f"overlapping N={n}"] = (g(0.4, 1.1), g(0, 1))
+        out[f"identical N={n}"] = (u2 := g(0, 2), u2.copy())  # ties everywhere, equal medians
+        out[f"lattice-0.25 N={n}"] = (np.round(g(0, 1) * 4) / 4, np.round(g(0.3, 1) * 4) / 4)
+        out[f"lattice-0.1 N={n}"] = (np.round(g(0, 0.3), 1), np.round(g(0.1, 0.3), 1))
+        out[f"lattice-binary N={n}"] = (rng.integers(0, 2, (n, m)) * 1.0,
+                                        rng.integers(0, 2, (n, m)) * 1.0 + 0.5 * (n == 64))
+        out[f"narrow N={n}"] = (g(0, 0.03), g(0, 1))  # spread ratio 3 %: just above the 1 % rule
+        out[f"saturated N={n}"] = (np.minimum(g(100, 5), 103.6), g(95, 5))
+    return out
+
+
+@pytest.mark.parametrize("name", list(_adversarial_cases()))
+def test_forgetting_score_matches_reference_transcription(name):
+    u, r = _adversarial_cases()[name]
+    f_ref, eps_ref = _ref_forget_score(u, r)
+    f = mia.forget_quality(u, r)
+    np.testing.assert_array_equal(mia.epsilons(u, r), eps_ref)
+    assert abs(f - f_ref) <= 1e-12, (f, f_ref)
+
+
+def test_forgetting_score_reference_assertion_is_a_value_error():
+    same = np.full((8, 2), 3.0)
+    with pytest.raises(AssertionError):
+        _ref_forget_score(same, same)
+    with pytest.raises(ValueError, match="forget example 0.*reference asserts"):
+        mia.forget_quality(same, same)
+
+
+def test_forgetting_score_hand_facts():
+    # Buckets: ε_max = ⌈ln(N−1)⌉: N = 64 → 5 (10 buckets), N = 512 → 7 (14 buckets).
+    np.testing.assert_array_equal(mia.bucket_points([0, 0.49, 0.5, 4.49, 4.5, 50], 64),
+                                  [1, 1, 0.5, 2.0**-8, 2.0**-9, 0])
+    np.testing.assert_array_equal(mia.bucket_points([6.99, 7.0], 512), [2.0**-13, 0])
+    # A do-nothing method (N identical outputs) is peaky: 0 points, whatever the retrained do.
+    r = np.random.default_rng(0).normal(size=(64, 5))
+    assert mia.forget_quality(np.zeros((64, 5)), r) == 0.0
+    # Identical non-constant outputs: every attack has TPR = FPR, so ε ≤ 0 → 1 point each.
+    assert mia.forget_quality(r, r.copy()) == 1.0
+    # Utility adjustment multiplies by the raw ratios, not capped at 1 (main.py).
+    out = mia.score_from_outputs(r, r.copy(), retain_acc_u=[0.9, 1.0], retain_acc_r=0.8,
+                                 test_acc_u=0.6, test_acc_r=0.75)
+    assert out["score"] == pytest.approx(1.0 * (0.95 / 0.8) * (0.6 / 0.75), rel=1e-15)
+    # The confidence: log p_y − log Σ_{k≠y} p_k, floored at 1e-45.
+    np.testing.assert_allclose(mia.reference_confidence(np.log([[0.2, 0.3, 0.5]]),
+                                                        np.array([2])), [0.0], atol=1e-7)
+    sat = mia.reference_confidence(np.array([[0.0, 500.0]], np.float32), np.array([1]))
+    assert sat[0] == pytest.approx(-np.log(1e-45))
 
 
 def test_bad_inputs():
@@ -71,6 +219,14 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"\(N, m\)"):
         mia.score_from_outputs(np.zeros((4, 2)), np.zeros((4, 3)), retain_acc_u=1,
                                retain_acc_r=1, test_acc_u=1, test_acc_r=1)
+    with pytest.raises(ValueError, match="N ≥ 2"):
+        mia.forget_quality(np.zeros((1, 2)), np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="finite"):
+        mia.forget_quality(np.full((4, 2), np.nan), np.zeros((4, 2)))
+    r = np.random.default_rng(0).normal(size=(4, 2))
+    with pytest.raises(ValueError, match="retain_acc_r"):
+        mia.score_from_outputs(r, r, retain_acc_u=1, retain_acc_r=0, test_acc_u=1,
+                               test_acc_r=1)
 
 
 def test_attacks_on_separable_losses():
@@ -128,6 +284,24 @@ def test_mia_auc_retrain_vs_nothing(overfit):
     assert abs(auc_r - 0.5) < 0.12, auc_r
     assert auc_n > 0.8 and auc_n > auc_r + 0.25, (auc_n, auc_r)
     assert kit_n > kit_r + 0.2, (kit_n, kit_r)
+
+
+def test_mia_efficacy_retrain_vs_original(overfit):
+    # An overfit MLP (train acc 100 %): the original model's forget examples look like members
+    # (low efficacy); the retrained model's look like unseen examples, so its efficacy matches
+    # the attack's non-member rate on held-out test examples (its UA-matched expectation).
+    problem, split, trained, ids = overfit
+    tr = problem.train
+    forget, retain = tr.subset(tr.positions(ids)), tr.without(ids)
+    out = {}
+    for m in (methods.get("retrain"), nothing()):
+        res, _ = m.forget(m.prepare(problem, trained), ids, jax.random.key(1))
+        out[m.name] = (mia.mia_efficacy_of(res.logits, retain, split.test, forget)["MIA-efficacy"],
+                       mia.mia_efficacy_expected(res.logits, retain, split.test))
+    (eff_r, exp_r), (eff_n, _) = out["retrain"], out["nothing"]
+    # 40 forget examples: binomial s.d. of a rate near 0.5 is ≈ 8 points; allow 2.5 s.d.
+    assert abs(eff_r - exp_r) < 20, out
+    assert eff_r - eff_n > 30, out
 
 
 def test_forgetting_score_retrain_beats_nothing_fast(overfit):

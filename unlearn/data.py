@@ -470,6 +470,9 @@ def tfds_split(
 # ----------------------------------------------------------------------------- forget sets
 
 
+FORGET_KINDS = ("random", "class", "subclass", "ids", "hard")
+
+
 def select_forget(
     ds: Dataset,
     *,
@@ -479,13 +482,28 @@ def select_forget(
     cls: int | None = None,
     ids: Sequence[str] | None = None,
     seed: int = 0,
+    clusters: int = 3,
+    cluster: int = 0,
+    scores: np.ndarray | None = None,
+    neighbours: int = 10,
 ) -> np.ndarray:
-    """Choose the ids of a forget set.
+    """Choose the ids of a forget set; every kind is a deterministic function of its arguments.
 
-    kind: ``random`` (a seeded ``fraction`` or ``count`` of the data), ``class`` (every example
-    of class ``cls``) or ``ids`` (the given ids, validated).
+    kind:
+      * ``random``: a seeded ``fraction`` (or ``count``) of the data;
+      * ``class``: every example of class ``cls``;
+      * ``subclass``: a cluster inside class ``cls`` — k-means (scikit-learn, ``clusters``
+        centres, ``random_state=seed``, 10 restarts) on the flattened inputs of that class; the
+        cluster of size rank ``cluster`` (0 = largest; ties by smallest member position);
+      * ``ids``: the given ids, validated;
+      * ``hard``: the ``count`` (or ``fraction``) examples with the highest memorisation score.
+        With ``scores`` (one per example, e.g. self-influence from :mod:`unlearn.influence` or
+        a per-example training loss) those; otherwise the model-free proxy of *atypicality*
+        that Feldman & Zhang (2020) tie to memorisation: the fraction of an example's
+        ``neighbours`` nearest inputs (Euclidean, itself excluded) with another label.
+        Ties are broken by a seeded hash of the ids.
     """
-    if kind == "random":
+    if kind in ("random", "hard"):
         k = count if count is not None else int(round(fraction * len(ds)))
         if k < 1:
             raise ValueError(
@@ -494,19 +512,61 @@ def select_forget(
             )
         if k >= len(ds):
             raise ValueError(f"count={k} would forget every example ({len(ds)}).")
-        rng = np.random.default_rng(seed)
-        return ds.ids[np.sort(rng.choice(len(ds), size=k, replace=False))]
-    if kind == "class":
+        if kind == "random":
+            rng = np.random.default_rng(seed)
+            return ds.ids[np.sort(rng.choice(len(ds), size=k, replace=False))]
+        s = _hard_scores(ds, scores, neighbours)
+        tie = np.random.default_rng(seed).permutation(len(ds))
+        order = np.lexsort((tie, -s))
+        return ds.ids[np.sort(order[:k])]
+    if kind in ("class", "subclass"):
         if cls is None or not 0 <= cls < ds.num_classes:
             raise ValueError(f"cls must be a class in [0, {ds.num_classes}), got {cls}.")
-        out = ds.ids[ds.y == cls]
-        if out.size == 0:
+        rows = np.nonzero(ds.y == cls)[0]
+        if rows.size == 0:
             raise ValueError(f"class cls={cls} has no examples in {ds.name!r}.")
-        return out
+        if kind == "class":
+            return ds.ids[rows]
+        return ds.ids[_subclass_rows(ds, rows, clusters, cluster, seed)]
     if kind == "ids":
         ds.positions(ids if ids is not None else [], argname="ids")
         return as_ids(ids, "ids")
-    raise ValueError(f"kind must be 'random', 'class' or 'ids', got {kind!r}.")
+    raise ValueError(f"kind must be one of {FORGET_KINDS}, got {kind!r}.")
+
+
+def _subclass_rows(ds: Dataset, rows: np.ndarray, clusters: int, cluster: int,
+                   seed: int) -> np.ndarray:
+    from sklearn.cluster import KMeans
+
+    if not 2 <= clusters <= len(rows):
+        raise ValueError(f"clusters={clusters} must be in [2, {len(rows)}] (the examples of "
+                         "the class).")
+    if not 0 <= cluster < clusters:
+        raise ValueError(f"cluster={cluster} must be a size rank in [0, {clusters}).")
+    x = np.asarray(ds.x[rows], np.float64).reshape(len(rows), -1)
+    lab = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(x).labels_
+    groups = sorted((np.nonzero(lab == c)[0] for c in range(clusters)),
+                    key=lambda g: (-len(g), g.min()))
+    return rows[np.sort(groups[cluster])]
+
+
+def _hard_scores(ds: Dataset, scores, neighbours: int) -> np.ndarray:
+    if scores is not None:
+        s = np.asarray(scores, np.float64).reshape(-1)
+        if s.shape != (len(ds),) or not np.isfinite(s).all():
+            raise ValueError(f"scores must be {len(ds)} finite values (one per example in "
+                             f"dataset order); got shape {np.shape(scores)}.")
+        return s
+    from sklearn.neighbors import NearestNeighbors
+
+    if not 1 <= neighbours < len(ds):
+        raise ValueError(f"neighbours={neighbours} must be in [1, {len(ds) - 1}].")
+    x = np.asarray(ds.x, np.float64).reshape(len(ds), -1)
+    nn = NearestNeighbors(n_neighbors=neighbours + 1).fit(x)
+    idx = nn.kneighbors(x, return_distance=False)
+    # drop the example itself (the first neighbour unless duplicates tie with it)
+    others = np.array([[j for j in r if j != i][:neighbours] for i, r in enumerate(idx)])
+    return np.mean(ds.y[others] != ds.y[:, None], axis=1)
 
 
 def as_ids(ids, argname: str = "ids") -> np.ndarray:

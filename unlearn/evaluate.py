@@ -134,6 +134,18 @@ def evaluate(
     return {"rows": rows, "train_time": t_train, "retrain_time": t_retrain}
 
 
+def do_nothing() -> Unlearner:
+    """The "Original" row of the papers' tables: returns θ* unchanged (a lower bound on
+    forgetting; MIA and the forgetting score should tell it apart from retraining)."""
+    from unlearn.methods.base import next_weights, params_result, prepare_params
+
+    def forget(state, forget_ids, key):
+        _, w = next_weights(state, forget_ids)
+        return params_result(state.problem, state.params, {}), state._replace(weights=w)
+
+    return Unlearner("original", prepare_params, forget)
+
+
 def default_problem(dataset: str, model: str, *, seed: int = 0, model_kwargs: dict | None = None,
                     **train_kwargs) -> tuple[Problem, Split]:
     """A (Problem, Split) from names: the common first lines of every experiment."""
