@@ -1,56 +1,80 @@
-"""How one training epoch should run on this backend: ``lax.scan`` vs a loop of jitted steps.
+"""The training engine's strategies, measured: how one epoch should run on this backend, and
+what a hyperparameter grid on the member axis costs.
 
 Command: ``python -m benchmarks.train_epoch`` (about 1–2 minutes on 2 CPU cores).
 
-DESIGN.md measured that on CPU a convolution inside any XLA loop runs ~20× slower than at the
-top level of a jitted function, while dense models scan fine. ``train.use_scan`` picks the
-strategy (``auto``: loop for conv models on CPU, scan otherwise); this script measures both
-strategies side by side for logreg, MLP and CNN and reports which ``auto`` picked.
+docs/architecture.md ("The engine") records why: on CPU a convolution inside any XLA loop runs
+~20× slower than at the top level of a jitted function, and a ``vmap``-ed convolution becomes a
+slow grouped convolution, while dense models scan and vmap well. ``engine.resolve_strategy``
+picks the strategy (``auto``: ``loop`` for conv models on CPU, ``scan`` otherwise); this script
+times one epoch of ``train.fit`` under each strategy for logreg, MLP and CNN, and reports which
+``auto`` picked. The second table trains 8 learning rates as ONE ensemble
+(``train.train_grid``) against one model of the same size, on the same data.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 
 import jax
 import numpy as np
 
 from benchmarks._common import best_time, write_section
-from unlearn import data, models, train
+from unlearn import data, engine, models, train
 
 
 def main() -> None:
-    """Time one epoch per (model, strategy); print and record a Markdown table."""
+    """Time one epoch per (model, strategy) and the 8-point LR grid; print and record."""
     mnist1d = data.load("mnist1d")
+    ds = mnist1d.train
+    key = jax.random.key(0)
     rows = []
     settings = [
-        ("logreg", models.logreg(10), mnist1d.train),
-        ("mlp", models.mlp(10, (256, 256)), mnist1d.train),
-        ("cnn", models.cnn(10, features=(32, 64), dense=128), mnist1d.train),
+        ("logreg", models.logreg(10)),
+        ("mlp", models.mlp(10, (256, 256))),
+        ("cnn", models.cnn(10, features=(32, 64), dense=128)),
     ]
-    for name, m, ds in settings:
-        cfg = train.TrainConfig(epochs=1, batch_size=128)
-        key = jax.random.key(0)
+    cfg = train.TrainConfig(epochs=1, batch_size=128)
+    for name, m in settings:
         p0 = train.init_params(m, ds, key)
         t = {}
         for strat in ("scan", "loop"):
             c = dataclasses.replace(cfg, strategy=strat)
             t[strat] = best_time(
-                lambda c=c, m=m, ds=ds, p0=p0, key=key: train.fit(m, ds, c, key, params=p0).params)
-        auto = "scan" if train.use_scan(m, "auto") else "loop"
-        rows.append((name, len(ds), t["scan"], t["loop"], auto,
-                     t[auto] / min(t.values())))
-    lines = [f"Machine: {platform.machine()}, backend {jax.default_backend()}, "
-             f"{len(jax.devices())} device(s). One epoch of mnist1d "
-             f"(n={len(mnist1d.train)}, batch 128), best of 3 after a warm-up.", "",
+                lambda c=c, m=m, p0=p0: train.fit(m, ds, c, key, params=p0).params, repeat=5)
+        auto = engine.resolve_strategy(m, "auto")
+        rows.append((name, len(ds), t["scan"], t["loop"], auto, t[auto] / min(t.values())))
+
+    grid = np.geomspace(1e-4, 1e-2, 8)
+    grid_rows = []
+    for name, m in (("mlp 40-256-256-10", models.mlp(10, (256, 256))),
+                    ("mlp 40-128-10", models.mlp(10, (128,)))):
+        one = best_time(lambda m=m: train.fit(m, ds, cfg, key).params, repeat=7)
+        eight = best_time(lambda m=m: train.train_grid(m, ds, cfg, key, lr=grid)[0], repeat=7)
+        grid_rows.append((name, one, eight, eight / one))
+
+    load = os.getloadavg()[0]
+    lines = [f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, backend "
+             f"{jax.default_backend()}, jax {jax.__version__}; load average {load:.1f} at the "
+             f"end (a shared machine: compare ratios within one run). One epoch of mnist1d "
+             f"(n={len(ds)}, batch 128) through `train.fit` (the engine, one member), best of "
+             f"5 after a warm-up.", "",
              "| model | n | scan (s) | loop of jitted steps (s) | auto picks | auto / best |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]} | {r[5]:.2f} |")
+    lines += ["", "Learning-rate grid on the member axis: 8 learning rates (1e-4 … 1e-2) trained "
+              "as one ensemble (`train.train_grid`, one shared schedule: one gather and one "
+              "wide matmul per layer) vs one model, one epoch each, best of 7 (target ≤ 1.5×).",
+              "", "| model | one model (s) | 8 LRs as one ensemble (s) | ratio |",
+              "|---|---|---|---|"]
+    for r in grid_rows:
+        lines.append(f"| {r[0]} | {r[1]:.4f} | {r[2]:.4f} | {r[3]:.2f}× |")
     table = "\n".join(lines)
     print(table)
-    write_section("train_epoch", "## Epoch strategy (`benchmarks/train_epoch.py`)\n\n" + table)
+    write_section("train_epoch", "## Training engine (`benchmarks/train_epoch.py`)\n\n" + table)
     assert np.isfinite([r[2] for r in rows]).all()
 
 

@@ -100,4 +100,6 @@ def test_compare_methods_smoke_every_registered_method(tmp_path):
     for name, entry in methods.REGISTRY.items():
         if not entry.convex_only:
             assert name in summary and "failed" not in summary[name], (name, summary.get(name))
-    assert summary["retrain"]["avg_gap"]["mean"] == 0.0
+    # the oracle row is the oracle (its gap is 0 by construction); check it learned instead:
+    # digits, 3 epochs of Adam — far above the 0.1 of chance
+    assert summary["retrain"]["test_acc"]["mean"] > 0.5, summary["retrain"]

@@ -2,7 +2,10 @@
 ``_common_test.py``): a new method earns its place by passing these unchanged.
 """
 
+import functools
+
 import jax
+import jax.flatten_util
 import numpy as np
 import pytest
 
@@ -82,14 +85,113 @@ def test_sequential_requests_and_refusals(setting, name):
 
 
 def test_retrain_method_is_the_oracle(setting):
+    """The registered ``retrain`` equals a fit on a dataset rebuilt from the kept rows' arrays
+    and ids (independent of the weight mask), bit for bit."""
     problem, trained, _ = setting[False]
     ids = data.select_forget(problem.train, count=6, seed=5)
     res, _ = methods.get("retrain").forget(methods.get("retrain").prepare(problem, trained),
                                            ids, jax.random.key(0))
-    oracle = train.fit(problem.model, problem.train.without(ids), problem.cfg, problem.key)
-    np.testing.assert_allclose(flat(res.params), flat(oracle.params), rtol=1e-6, atol=1e-7)
+    tr = problem.train
+    keep = ~np.isin(tr.ids, ids)
+    rebuilt = data.make(tr.x[keep], tr.y[keep], num_classes=10, ids=tr.ids[keep])
+    oracle = train.fit(problem.model, rebuilt, problem.cfg, problem.key)
+    np.testing.assert_array_equal(flat(res.params), flat(oracle.params))
+
+
+# ----------------------------------------------------------------------------- it works
+
+# Hyperparameters of the class-forgetting row where a default is deliberately conservative:
+# NegGrad's default (a tenth of the training rate for a quarter of the epochs, Jia et al.'s
+# tuned range) leaves a 47-example class untouched in 1 epoch of 1 batch; at the training rate
+# for 3 epochs it forgets it.
+WORKS = {"neggrad": dict(lr_scale=1.0, epochs=3)}
+
+
+@pytest.fixture(scope="module")
+def class_forget(setting):
+    """Forget every training example of class 0; the retrained oracle's accuracy on them."""
+    out = {}
+    for convex in (False, True):
+        problem, trained, test = setting[convex]
+        tr = problem.train
+        ids = tr.ids[tr.y == 0]
+        oracle = train.retrain(problem, ids)
+        apply = problem.model.apply
+        fx, fy = tr.x[tr.y == 0], tr.y[tr.y == 0]
+        tx, ty = test.x[test.y != 0], test.y[test.y != 0]
+        out[convex] = dict(
+            ids=ids, forget=(fx, fy), test=(tx, ty),
+            before=_acc(functools.partial(apply, trained.params), fx, fy),
+            oracle=_acc(functools.partial(apply, oracle.params), fx, fy),
+            oracle_test=_acc(functools.partial(apply, oracle.params), tx, ty))
+    return out
+
+
+def _acc(logits_fn, x, y) -> float:
+    return float(np.mean(np.argmax(np.asarray(logits_fn(x)), -1) == y))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "fisher"])
+def test_forgetting_a_class_moves_towards_the_oracle(setting, class_forget, name):
+    """Forgetting a whole class: the forget-set accuracy moves at least a third of the way
+    from the trained model's (1.0 here) to the retrained oracle's (0.0: it never saw the
+    class), and the model still works on the other classes (test accuracy at least half the
+    oracle's; chance is 1/9)."""
+    convex = methods.REGISTRY[name].convex_only
+    problem, trained, _ = setting[convex]
+    c = class_forget[convex]
+    assert c["before"] - c["oracle"] >= 0.5, c  # a setting where forgetting shows
+    m = methods.get(name, **WORKS.get(name, {}))
+    res, _ = m.forget(m.prepare(problem, trained), c["ids"], jax.random.key(1))
+    after = _acc(res.logits, *c["forget"])
+    assert abs(after - c["oracle"]) <= abs(c["before"] - c["oracle"]) * 2 / 3, (after, c)
+    assert _acc(res.logits, *c["test"]) >= 0.5 * c["oracle_test"]
+
+
+def test_fisher_noise_spares_the_retained_data(setting):
+    """Fisher forgetting's claim (Golatkar et al. 2020): noise shaped by the retained data's
+    Fisher moves the retained loss less than isotropic noise of the same norm."""
+    problem, trained, _ = setting[False]
+    ids = data.select_forget(problem.train, count=20, seed=0)
+    m = methods.get("fisher", alpha=1e-7)
+    res, _ = m.forget(m.prepare(problem, trained), ids, jax.random.key(0))
+    delta = flat(res.params) - flat(trained.params)
+    iso = np.array(jax.random.normal(jax.random.key(9), delta.shape))
+    iso *= np.linalg.norm(delta) / np.linalg.norm(iso)
+    keep = ~np.isin(problem.train.ids, ids)
+    x, y = problem.train.x[keep], problem.train.y[keep]
+    _, unravel = jax.flatten_util.ravel_pytree(trained.params)
+
+    def loss(v):
+        return float(train.objective(problem.model.apply, unravel(v), x, y, np.ones(len(y)),
+                                     0.0))
+
+    base = flat(trained.params)
+    assert np.linalg.norm(delta) > 0
+    assert loss(base + delta) - loss(base) < 0.5 * (loss(base + iso) - loss(base))
 
 
 def test_unknown_method():
     with pytest.raises(ValueError, match="not registered"):
         methods.get("no-such-method")
+
+
+@pytest.mark.slow
+def test_every_method_runs_on_a_batchnorm_resnet_with_augmentation():
+    """Every registered non-convex method on a (narrow) BatchNorm ResNet-9 trained with crop +
+    flip: finite predictions and the variables' structure (params + batch_stats) kept."""
+    s = data.load("digits")
+    tr = s.train.subset(np.arange(120))
+    tr = data.make(tr.x.reshape(-1, 8, 8, 1), tr.y, num_classes=10, ids=tr.ids)
+    cfg = train.TrainConfig(epochs=2, batch_size=32, lr=3e-3, augment="crop_flip")
+    problem = train.Problem(models.resnet9(10, width=4), tr, cfg, jax.random.key(0))
+    trained = train.train(problem)
+    assert sorted(trained.params) == ["batch_stats", "params"]
+    for name in NAMES:
+        if methods.REGISTRY[name].convex_only:
+            continue
+        m = methods.get(name)
+        res, _ = m.forget(m.prepare(problem, trained), tr.ids[:6], jax.random.key(1))
+        assert np.isfinite(np.asarray(res.logits(tr.x[:10]))).all(), name
+        if res.params is not None:
+            assert jax.tree.structure(res.params) == jax.tree.structure(trained.params), name

@@ -16,14 +16,18 @@ def test_lbfgs_oracle_matches_sklearn(x64):
 
     Ours: mean CE + (λ/2)‖θ‖² with the bias penalised; sklearn (lbfgs, multinomial) minimises
     C Σ CE + ½‖W‖² with an unpenalised intercept, so we give sklearn a constant feature instead
-    of an intercept and C = 1/(nλ). Both are strictly convex: one optimum, float64.
+    of an intercept and C = 1/(nλ): the same objective up to the factor 1/λ. It is λ-strongly
+    convex, so any θ lies within ‖∇L(θ)‖/λ of the unique optimum θ*, and the two solutions
+    within (‖∇L(θ_ours)‖ + ‖∇L(θ_sk)‖)/λ of each other — the bound asserted (float64; about
+    3e-5 here against a measured 8e-6, and ‖θ*‖ ≈ 16).
     """
     from sklearn.linear_model import LogisticRegression
 
     s = data.load("digits")
     n, lam = len(s.train), 1e-3
     cfg = train.TrainConfig(solver="lbfgs", l2=lam, dtype="float64", tol=1e-9, max_iter=5000)
-    fit = train.fit(models.logreg(10), s.train, cfg, jax.random.key(0))
+    m = models.logreg(10)
+    fit = train.fit(m, s.train, cfg, jax.random.key(0))
     assert fit.info["converged"], fit.info
     xa = np.hstack([s.train.x.astype(np.float64), np.ones((n, 1))])
     sk = LogisticRegression(C=1.0 / (n * lam), fit_intercept=False, tol=1e-12, max_iter=10000)
@@ -31,8 +35,18 @@ def test_lbfgs_oracle_matches_sklearn(x64):
     w_sk = sk.coef_.T  # (65, 10)
     p = fit.params["params"]["Dense_0"]
     w_ours = np.vstack([np.asarray(p["kernel"]), np.asarray(p["bias"])[None]])
-    rel = np.linalg.norm(w_ours - w_sk) / np.linalg.norm(w_sk)
-    assert rel <= 1e-3, rel
+
+    def grad_norm(w):
+        params = {"params": {"Dense_0": {"kernel": jnp.asarray(w[:64]),
+                                         "bias": jnp.asarray(w[64])}}}
+        g = jax.grad(lambda q: train.objective(m.apply, q, jnp.asarray(s.train.x, jnp.float64),
+                                               jnp.asarray(s.train.y), jnp.ones(n), lam))
+        return float(np.linalg.norm(flat(g(params))))
+
+    g_ours, g_sk = grad_norm(w_ours), grad_norm(w_sk)
+    assert g_ours <= cfg.tol and g_sk <= 1e-6, (g_ours, g_sk)
+    bound = (g_ours + g_sk) / lam
+    assert np.linalg.norm(w_ours - w_sk) <= bound, (np.linalg.norm(w_ours - w_sk), bound)
 
 
 def test_sgd_training_is_deterministic():
@@ -58,15 +72,19 @@ def test_epoch_order_depends_only_on_ids_present():
 
 @pytest.mark.parametrize("strategy", ["scan", "loop"])
 def test_masked_retrain_equals_training_on_subset(strategy):
-    """Retraining with zero weights on U is training on D∖U (same order, same batches)."""
+    """Retraining with zero weights on U is training on D∖U: compared with a fit on a dataset
+    rebuilt from the kept rows' arrays and ids (same ids ⇒ same order, same batches, same
+    padding rows), bit for bit."""
     s = data.load("digits")
     cfg = train.TrainConfig(epochs=2, strategy=strategy, batch_size=32)
     m = models.mlp(10, (16,))
     forget = data.select_forget(s.train, count=7, seed=0)
     problem = train.Problem(m, s.train, cfg, jax.random.key(3))
     a = train.retrain(problem, forget)
-    b = train.fit(m, s.train.without(forget), cfg, jax.random.key(3))
-    np.testing.assert_allclose(flat(a.params), flat(b.params), rtol=1e-6, atol=1e-7)
+    keep = ~np.isin(s.train.ids, forget)
+    rebuilt = data.make(s.train.x[keep], s.train.y[keep], num_classes=10, ids=s.train.ids[keep])
+    b = train.fit(m, rebuilt, cfg, jax.random.key(3))
+    np.testing.assert_array_equal(flat(a.params), flat(b.params))
 
 
 def test_scan_and_loop_strategies_agree():

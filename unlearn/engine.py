@@ -63,6 +63,7 @@ dropout masks. Augmentation
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -638,11 +639,15 @@ def init_variables(model, x1, keys: jax.Array, dtype: str) -> Params:
     return _INIT[k](keys, jnp.asarray(x1))
 
 
+@functools.cache
+def _opt_init(optimizer: str) -> Callable:
+    return jax.jit(jax.vmap(make_optimizer(optimizer).init))
+
+
 def init_members(variables: Params, optimizer: str, lr) -> Members:
     """Members from stacked initial variables, optimiser state with per-member ``lr`` (S,)."""
     params, state = split_variables(variables)
-    opt = make_optimizer(optimizer)
-    opt_state = jax.vmap(opt.init)(params)
+    opt_state = _opt_init(optimizer)(params)
     leaf = jax.tree.leaves(params)[0]
     S = leaf.shape[0]
     lr = jnp.broadcast_to(jnp.asarray(lr, leaf.dtype), (S,))
@@ -658,14 +663,19 @@ def set_learning_rate(members: Members, lr) -> Members:
     return members._replace(opt_state=members.opt_state._replace(hyperparams=hp))
 
 
+@jax.jit
+def _finite(tree, losses):
+    ok = jnp.all(jnp.isfinite(losses), axis=1)
+    for a in jax.tree.leaves(tree):
+        ok = ok & jnp.all(jnp.isfinite(a).reshape(a.shape[0], -1), axis=1)
+    return ok
+
+
 def finite_members(members: Members, losses: jax.Array | None = None) -> np.ndarray:
     """(S,) bool: every leaf of params and model state finite (and the losses, if given)."""
-    ok = jnp.ones(members.size, bool)
-    for a in jax.tree.leaves((members.params, members.model_state)):
-        ok = ok & jnp.all(jnp.isfinite(a).reshape(a.shape[0], -1), axis=1)
-    if losses is not None and losses.size:
-        ok = ok & jnp.all(jnp.isfinite(losses), axis=1)
-    return np.asarray(ok)
+    if losses is None or not losses.size:
+        losses = jnp.zeros((members.size, 1))
+    return np.asarray(_finite((members.params, members.model_state), losses))
 
 
 def check_finite(members: Members, losses: jax.Array | None = None, what: str = "training",
@@ -744,8 +754,9 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
     last = losses[-1] if losses else None
     check_finite(members, last, "training",
                  {"lr": np.broadcast_to(np.asarray(lr), (S,))} if np.ndim(lr) else None)
+    final = np.full(S, np.nan)
+    if last is not None:
+        final = (np.asarray(last) * sched.active).sum(1) / np.maximum(sched.active.sum(1), 1)
     info = {"epochs": epochs, "steps": int(epochs * sched.steps) if epochs else 0,
-            "final_loss": (np.asarray(jnp.sum(last * sched.active, 1)
-                                      / np.maximum(sched.active.sum(1), 1)))
-            if last is not None else np.full(S, np.nan)}
+            "final_loss": final}
     return Trained(members, info)
