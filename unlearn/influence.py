@@ -111,6 +111,12 @@ __all__ = [
     "influence_up_loss",
     "loo_test_loss_change",
     "example_gradients",
+    "BACKENDS",
+    "InverseCurvature",
+    "prepare_inverse",
+    "inverse_hvp",
+    "influence_scores",
+    "Influence",
 ]
 
 
@@ -468,30 +474,244 @@ def newton_step(
 
 
 def example_gradients(apply: Apply, params: Params, x: Array, y: Array) -> Array:
-    r"""Per-example loss gradients :math:`\nabla_\theta\ell(z)`, shape ``(m, p)`` (``vmap``)."""
+    r"""Per-example loss gradients :math:`\nabla_\theta\ell(z)`, shape ``(m, p)`` (``vmap``).
+    Materialises ``m × p``: use it for a few points (test points, a forget set), and
+    :func:`influence_scores` for all training points."""
     return curvature.per_example_grads(apply, params, x, y)
 
 
-def _inverse_hvps(apply, params, x, y, l2, rhs: Array, solver: str, damping: float,
-                  hessian: Array | None, tol, maxiter) -> tuple[Array, dict]:
-    """:math:`H^{-1}` applied to each row of ``rhs`` (``(m, p)``), with solve stats."""
-    w = jnp.ones(x.shape[0], rhs.dtype)
-    if solver == "exact":
-        h = full_hessian(apply, params, x, y, w, l2) if hessian is None else hessian
-        fac = solvers.cholesky_factor(h, damping)
-        s = solvers.cholesky_solve(fac, rhs.T).T
-        return s, {"method": "cholesky", "iterations": [0] * rhs.shape[0]}
-    if solver != "cg":
-        raise ValueError(f"solver={solver!r}: choose 'exact' or 'cg'.")
-    op = curvature.hvp(apply, params, x, y, w, l2)
-    out, its, res = [], [], []
-    for b in rhs:
-        r = solvers.solve(op, b, "cg", damping=damping, tol=tol, maxiter=maxiter,
-                          check_curvature=damping > 0)
-        out.append(r.x)
-        its.append(int(r.iterations))
-        res.append(float(r.residual))
-    return jnp.stack(out), {"method": "cg", "iterations": its, "residual": res}
+BACKENDS = ("exact", "cg", "pcg", "pcg-ekfac", "ekfac", "kfac", "arnoldi", "lissa")
+
+
+class InverseCurvature(NamedTuple):
+    r"""An inverse of the damped curvature :math:`(H + \lambda_d I)^{-1}` prepared once
+    (:func:`prepare_inverse`), applied to many right-hand sides by :func:`inverse_hvp`.
+
+    ``backend``: one of :data:`BACKENDS`. ``op``: the damped curvature operator (exact HVP or
+    GGN product) used by CG/LiSSA and for the true residual of every backend. ``factor``:
+    Cholesky factor (``exact``). ``approx``: a ``v -> M v`` with :math:`M \approx
+    (H+\lambda_dI)^{-1}` (``ekfac``/``kfac``; the preconditioner for ``pcg``/``pcg-ekfac``).
+    ``eig``: top-k eigenpairs (``arnoldi``). ``options``: tol, maxiter, LiSSA scale/depth.
+    ``prepare_seconds``: wall time of the preparation.
+    """
+
+    backend: str
+    op: Any
+    factor: Any = None
+    approx: Any = None
+    eig: tuple[Array, Array] | None = None
+    options: dict | None = None
+    prepare_seconds: float = 0.0
+
+
+def prepare_inverse(
+    apply: Apply,
+    params: Params,
+    x: Array,
+    y: Array,
+    l2: float,
+    *,
+    backend: str = "exact",
+    damping: float = 0.0,
+    w: Array | None = None,
+    curvature_kind: str = "hessian",
+    rank: int = 100,
+    key: Array | None = None,
+    tol: float | None = None,
+    maxiter: int | None = None,
+    lissa_depth: int = 200,
+    lissa_batch: int | None = None,
+    hessian: Array | None = None,
+    chunk_size: int = 1024,
+) -> InverseCurvature:
+    r"""Prepare :math:`(H + \lambda_d I)^{-1}` once for many requests, with the chosen backend.
+
+    :math:`H` is the Hessian (``curvature_kind='hessian'``) or the Gauss–Newton matrix
+    (``'ggn'``, PSD for any network) of the mean objective on ``x`` (weights ``w``) at
+    ``params``, with the L2 term; eval-mode ``apply`` (pass ``models.frozen_apply`` for models
+    with BatchNorm state).
+
+    Backends (prepare / per request):
+
+    * ``exact`` — dense Hessian (closed form for softmax regression) + Cholesky / two
+      triangular solves. :math:`O(p^2)` memory; refused above 40 000 parameters.
+    * ``cg`` — nothing / batched CG on the exact operator (all right-hand sides in one
+      ``vmap``-ed solve), converges to the exact answer.
+    * ``pcg`` — rank-``rank`` randomized Nyström approximation of the data term (``rank``
+      batched products) / preconditioned batched CG — exact answer, fewer iterations.
+    * ``pcg-ekfac`` — EK-FAC factors / CG preconditioned by the EK-FAC inverse — exact answer.
+    * ``ekfac`` / ``kfac`` — (E)K-FAC factors of the GGN (``unlearn.kfac``, dense layers) /
+      one Kronecker-factored inverse per layer: approximate (Grosse et al. 2023).
+    * ``arnoldi`` — top-``rank`` eigenpairs from ``2·rank + 20`` Lanczos/Arnoldi steps
+      (Schioppa et al. 2022) / projection on that subspace: approximate.
+    * ``lissa`` — scale from a Lanczos estimate / ``lissa_depth`` steps of the LiSSA recursion
+      (Agarwal et al. 2017; Koh & Liang 2017) on minibatches of ``lissa_batch`` examples
+      (full batch if None): approximate, stochastic.
+    """
+    import time
+
+    from unlearn import kfac
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}.")
+    if curvature_kind not in ("hessian", "ggn"):
+        raise ValueError(f"curvature_kind={curvature_kind!r}: choose 'hessian' or 'ggn'.")
+    t0 = time.perf_counter()
+    theta, _ = ravel_pytree(params)
+    p = theta.size
+    w = jnp.ones(x.shape[0], theta.dtype) if w is None else jnp.asarray(w, theta.dtype)
+    fn = curvature.hvp if curvature_kind == "hessian" else curvature.ggn_vp
+    op = fn(apply, params, x, y, w, l2, damping)
+    opts = {"tol": tol, "maxiter": maxiter}
+    factor = approx = eig = None
+    if backend == "exact":
+        if hessian is None and p > 2 * solvers.LAPACK_THREADED_LIMIT:
+            raise ValueError(
+                f"backend='exact' needs a dense {p}×{p} curvature ({8 * p * p / 2**30:.1f} GiB "
+                f"in float64) and its factorisation; above {2 * solvers.LAPACK_THREADED_LIMIT} "
+                "parameters use backend='pcg' or 'cg' (the same answer, matrix-free), or "
+                "'ekfac'/'arnoldi' (approximate).")
+        if hessian is None:
+            hessian = (full_hessian(apply, params, x, y, w, l2) if curvature_kind == "hessian"
+                       else jax.vmap(fn(apply, params, x, y, w, l2))(
+                           jnp.eye(p, dtype=theta.dtype)))
+        factor = solvers.cholesky_factor(hessian, damping)
+    elif backend == "pcg":
+        data_op = fn(apply, params, x, y, w, 0.0)
+        ny = solvers.nystrom(data_op, theta, min(rank, p - 1), key)
+        approx = solvers.nystrom_preconditioner(ny, l2 + damping)
+    elif backend in ("pcg-ekfac", "ekfac", "kfac"):
+        facs = kfac.kfac_factors(apply, params, x, w, chunk_size=chunk_size)
+        approx = kfac.kfac_inverse(facs, params, l2 + damping,
+                                   "kfac" if backend == "kfac" else "ekfac")
+    elif backend == "arnoldi":
+        eig = solvers.lanczos_topk(op, theta, min(rank, p), steps=min(p, 2 * rank + 20),
+                                   key=key)
+        if float(eig[0][-1]) <= 0:
+            raise ValueError("arnoldi: a kept eigenvalue of the damped curvature is <= 0; "
+                             "add damping or use curvature_kind='ggn'.")
+    elif backend == "lissa":
+        _, lam_max = solvers.lanczos_extremes(op, theta, steps=min(30, p))
+        opts.update(scale=1.5 * lam_max, depth=int(lissa_depth), batch=lissa_batch,
+                    key=jax.random.PRNGKey(0) if key is None else key,
+                    x=x, y=y, w=w, fn=fn, apply=apply, params=params, l2=l2, damping=damping)
+    jax.block_until_ready((factor, approx, eig))
+    return InverseCurvature(backend, op, factor, approx, eig, opts, time.perf_counter() - t0)
+
+
+@functools.partial(jax.jit, static_argnames=("depth",))
+def _lissa_batched(hvp_batch: Callable, rhs: Array, scale: Array, keys: Array, depth: int):
+    """x_j = b + x_{j-1} - H_j x_{j-1} / s for all rows at once; returns x_depth / s."""
+
+    def step(xs, key):
+        hx = hvp_batch(xs, key)
+        return rhs + xs - hx / scale, None
+
+    xs, _ = jax.lax.scan(step, rhs, keys[:depth])
+    return xs / scale
+
+
+def _lissa_hvp(fn, apply, batch, params, x, y, w, l2, damping, xs, key):
+    if batch is None:
+        mask = w
+    else:
+        idx = jax.random.choice(key, x.shape[0], (batch,), replace=False)
+        mask = jnp.zeros_like(w).at[idx].set(w[idx])
+    op = fn(apply, params, x, y, mask, l2, damping)
+    return jax.vmap(op)(xs)
+
+
+@functools.lru_cache(maxsize=32)
+def _lissa_fn(fn, apply, batch):
+    return functools.partial(_lissa_hvp, fn, apply, batch)
+
+
+def inverse_hvp(inv: InverseCurvature, rhs: Array) -> solvers.Solution:
+    r"""Apply a prepared :class:`InverseCurvature` to the rows of ``rhs`` (``(m, p)``) in one
+    batched computation; the :class:`solvers.Solution` carries per-row iterations and the
+    true relative residual :math:`\lVert b - (H+\lambda_dI)x\rVert/\lVert b\rVert` against
+    the exact damped operator (so approximate backends report their error too)."""
+    rhs = jnp.asarray(rhs)
+    if rhs.ndim != 2:
+        raise ValueError(f"rhs must be (m, p) right-hand sides as rows; got {rhs.shape}")
+    o = inv.options or {}
+    m = rhs.shape[0]
+    zeros = jnp.zeros(m, jnp.int32)
+    b = inv.backend
+    if b in ("cg", "pcg", "pcg-ekfac"):
+        return solvers.cg(inv.op, rhs, tol=o.get("tol"), maxiter=o.get("maxiter"),
+                          precond=None if b == "cg" else inv.approx)
+    if b == "exact":
+        xs = solvers.cholesky_solve(inv.factor, rhs.T).T
+        its, method = zeros, "cholesky"
+    elif b in ("ekfac", "kfac"):
+        xs, its, method = jax.vmap(inv.approx)(rhs), zeros, b
+    elif b == "arnoldi":
+        vals, vecs = inv.eig
+        xs = ((rhs @ vecs) / vals) @ vecs.T
+        its, method = zeros + vals.shape[0], "arnoldi"
+    else:  # lissa
+        hv = jax.tree_util.Partial(
+            _lissa_fn(o["fn"], o["apply"], o["batch"]), o["params"], o["x"], o["y"], o["w"],
+            jnp.asarray(o["l2"]), jnp.asarray(o["damping"]))
+        keys = jax.random.split(o["key"], o["depth"])
+        xs = _lissa_batched(hv, rhs, jnp.asarray(o["scale"], rhs.dtype), keys,
+                            depth=o["depth"])
+        its, method = zeros + o["depth"], "lissa"
+    res = jax.vmap(lambda xx, bb: solvers._rel_residual(inv.op, xx, bb))(xs, rhs)
+    tol = o.get("tol") or (1e-8 if rhs.dtype == jnp.float64 else 1e-4)
+    exact = method == "cholesky"
+    conv = (res <= tol) if exact else jnp.all(jnp.isfinite(xs), axis=1)
+    msg = "" if exact else "approximate inverse: converged means finite; residual is its error"
+    return solvers.Solution(xs, its, res, conv, method, msg)
+
+
+@functools.partial(jax.jit, static_argnames=("apply",))
+def _scores_chunk(apply: Apply, params: Params, xc: Array, yc: Array, s: Array) -> Array:
+    from unlearn.objective import cross_entropy
+
+    theta, unravel = ravel_pytree(params)
+
+    def losses(t):
+        return cross_entropy(apply(unravel(t), xc), yc)
+
+    _, lin = jax.linearize(losses, theta)
+    return jax.vmap(lin)(s.astype(theta.dtype))  # (m, chunk)
+
+
+def influence_scores(apply: Apply, params: Params, x: Array, y: Array, s: Array,
+                     chunk_size: int = 1024) -> Array:
+    r""":math:`S_{ti} = s_t^\top\nabla_\theta\ell(z_i)` for every row :math:`s_t` of ``s``
+    (``(m, p)``) and every example of ``x`` — shape ``(m, n)`` — without per-example gradients.
+
+    :math:`s^\top\nabla\ell_i = \frac{d}{d\epsilon}\ell_i(\theta + \epsilon s)` is a
+    forward-mode directional derivative of the vector of per-example losses: per chunk of
+    ``chunk_size`` examples ``jax.linearize`` once, then the linear map is ``vmap``-ed over the
+    ``m`` directions (a batched forward pass). Memory :math:`O(m\cdot\text{chunk} +
+    \text{chunk activations})`, never :math:`O(np)`. Chunks run as a Python loop of one
+    compiled function (the last chunk padded), since convolutions inside an XLA loop are
+    slow on CPU (DESIGN.md).
+    """
+    n = x.shape[0]
+    chunk = int(min(chunk_size, n))
+    out = []
+    for start in range(0, n, chunk):
+        xc, yc = x[start:start + chunk], y[start:start + chunk]
+        m = xc.shape[0]
+        if m < chunk:  # pad to the compiled shape
+            xc = jnp.concatenate([xc, jnp.repeat(xc[:1], chunk - m, axis=0)])
+            yc = jnp.concatenate([yc, jnp.repeat(yc[:1], chunk - m, axis=0)])
+        out.append(_scores_chunk(apply, params, xc, yc, s)[:, :m])
+    return jnp.concatenate(out, axis=1)
+
+
+class Influence(NamedTuple):
+    """``scores`` ``(n_test, n_train)`` = :math:`\\mathcal I_{\\text{up,loss}}`; ``s_test``
+    ``(n_test, p)`` the inverse-curvature test gradients; ``solution`` the solve's stats."""
+
+    scores: Array
+    s_test: Array
+    solution: solvers.Solution
 
 
 def influence_up_loss(
@@ -508,22 +728,31 @@ def influence_up_loss(
     hessian: Array | None = None,
     tol: float | None = None,
     maxiter: int | None = None,
-    return_stats: bool = False,
-):
-    r"""Koh & Liang (2017) eq. (2): ``I[t, i]`` :math:`= -\nabla\ell(z^{\text{test}}_t)^\top
-    H^{-1}\nabla\ell(z_i)`, shape ``(n_test, n_train)``.
+    prepared: InverseCurvature | None = None,
+    chunk_size: int = 512,
+    **backend_options: Any,
+) -> Influence:
+    r"""Koh & Liang (2017) eq. (2): ``scores[t, i]`` :math:`= -\nabla\ell(z^{\text{test}}_t)^\top
+    (H + \lambda_d I)^{-1}\nabla\ell(z_i)`, for all training points and all test points.
 
-    :math:`H` is the Hessian of the mean-normalised objective on all of ``x_train`` at
-    ``params`` (plus ``damping``); one solve per test point (``exact``: one Cholesky, batched
-    triangular solves; ``cg``: HVP-CG per test point), then a matrix product with the
-    ``vmap``-ed per-example gradients.
+    :math:`H` is the curvature of the mean-normalised objective on all of ``x_train`` at
+    ``params``. The inverse-curvature products for ALL test points are one batched solve
+    (:func:`inverse_hvp`, backend ``solver`` — see :func:`prepare_inverse`, or pass
+    ``prepared``); the scores are then streamed over the training set in chunks by
+    :func:`influence_scores` (no ``n × p`` gradient matrix). Always returns :class:`Influence`.
     """
+    if prepared is None:
+        prepared = prepare_inverse(apply, params, x_train, y_train, l2, backend=solver,
+                                   damping=damping, hessian=hessian, tol=tol, maxiter=maxiter,
+                                   **backend_options)
     g_test = example_gradients(apply, params, x_test, y_test)
-    s_test, stats = _inverse_hvps(apply, params, x_train, y_train, l2, g_test, solver, damping,
-                                  hessian, tol, maxiter)
-    g_train = example_gradients(apply, params, x_train, y_train)
-    infl = -(s_test @ g_train.T)
-    return (infl, s_test, stats) if return_stats else infl
+    sol = inverse_hvp(prepared, g_test)
+    if np.any(~np.asarray(sol.converged)):
+        warnings.warn(f"influence ({prepared.backend}): solve did not converge, relative "
+                      f"residual {float(jnp.max(sol.residual)):.2e}", RuntimeWarning,
+                      stacklevel=2)
+    scores = -influence_scores(apply, params, x_train, y_train, sol.x, chunk_size=chunk_size)
+    return Influence(scores, sol.x, sol)
 
 
 def loo_test_loss_change(
@@ -541,6 +770,8 @@ def loo_test_loss_change(
     correct_regulariser: bool = True,
     tol: float | None = None,
     maxiter: int | None = None,
+    prepared: InverseCurvature | None = None,
+    **backend_options: Any,
 ) -> Array:
     r"""Predicted change of each test loss when each training point is left out, ``(n_test,
     n_train)``; positive means the test loss goes up without that point.
@@ -549,11 +780,11 @@ def loo_test_loss_change(
     \theta^*)/(n-1)`, the one-step Newton prediction for the mean-normalised objective (module
     docstring). ``False``: Koh & Liang's :math:`-\mathcal I/n`.
     """
-    infl, s_test, _ = influence_up_loss(apply, params, x_train, y_train, x_test, y_test, l2,
-                                        solver=solver, damping=damping, hessian=hessian, tol=tol,
-                                        maxiter=maxiter, return_stats=True)
+    out = influence_up_loss(apply, params, x_train, y_train, x_test, y_test, l2,
+                            solver=solver, damping=damping, hessian=hessian, tol=tol,
+                            maxiter=maxiter, prepared=prepared, **backend_options)
     n = x_train.shape[0]
     if not correct_regulariser:
-        return -infl / n
+        return -out.scores / n
     theta, _ = ravel_pytree(params)
-    return (-infl + l2 * (s_test @ theta)[:, None]) / (n - 1)
+    return (-out.scores + l2 * (out.s_test @ theta)[:, None]) / (n - 1)
