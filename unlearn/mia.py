@@ -528,7 +528,8 @@ def forgetting_score(problem: Problem, split: Split, forget_ids, method: Unlearn
 
     ``retrained_logits`` (forget, retain, test logits of the retrained ensemble, each (N, ·, K))
     lets several methods share one retrained ensemble. The result also holds ``"retrained_logits"``
-    for that purpose, and the wall times of both ensembles.
+    for that purpose, the wall times of both ensembles, and KLOM (Rinberg et al. 2024) of the
+    same two ensembles per forget example (``"klom"``; mean and 95th percentile).
     """
     from unlearn.train import train as train_full
 
@@ -559,6 +560,11 @@ def forgetting_score(problem: Problem, split: Split, forget_ids, method: Unlearn
                              retain_acc_r=_per_model_acc(zr[1], retain.y),
                              test_acc_u=_per_model_acc(zu[2], split.test.y),
                              test_acc_r=_per_model_acc(zr[2], split.test.y))
+    from unlearn.metrics import klom, margins
+
+    k = klom(margins(zu[0], forget.y), margins(zr[0], forget.y))
+    out.update({"klom": k.tolist(), "klom_mean": float(np.mean(k)),
+                "klom_p95": float(np.percentile(k, 95))})
     out.update({"retrained_logits": zr, "retrain_time": t_retrain, "unlearn_time": t_unlearn,
                 "score_time": time.perf_counter() - t0, "method": method.name})
     return out
