@@ -113,24 +113,140 @@ def timing(codes: dict[str, Path], tmp: Path, repeats: int = 3) -> dict:
     return out
 
 
+def _du(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def _train_mlp(tmp: Path, spec: str, name: str = "base") -> Path:
+    d = tmp / name
+    sh(HERE, "train", str(d), "--data", spec, "--model", "mlp", "--shards", "4", "--slices", "2",
+       "--epochs", "5", "--batch-size", "8", "--lr", "0.003")
+    return d
+
+
+def concurrency(tmp: Path, trials: int) -> dict:
+    """``trials`` × two concurrent ``forget`` processes (different ids) on a fresh copy."""
+    import shutil
+
+    from unlearn import sisa
+
+    spec = f"folder:{jersey_folder(tmp / 'jerseys')}"
+    base = _train_mlp(tmp, spec)
+    lay = np.load(base / "layout.npz")
+    ids, shard = lay["ids"].astype(str), lay["shard"]
+    rng = np.random.default_rng(0)
+    rows, t0 = [], time.perf_counter()
+    for t in range(trials):
+        d = tmp / f"trial{t}"
+        shutil.copytree(base, d)
+        s1, s2 = rng.choice(4, 2, replace=False)  # two different shards
+        a, b = rng.choice(ids[shard == s1]), rng.choice(ids[shard == s2])
+        env = dict(os.environ, PYTHONPATH=str(HERE))
+        procs = [subprocess.Popen([sys.executable, "-m", "unlearn.sisa", "forget", str(d),
+                                   "--ids", n.split("/")[-1]], cwd=HERE, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for n in (a, b)]
+        outs = [p.communicate() for p in procs]
+        row = {"rc": [p.returncode for p in procs], "stderr_clean": all(e == "" for _, e in outs)}
+        try:
+            led = sisa.read_ledger(d)
+            row["both_applied"] = sorted(i for e in led for i in e["ids"]) == sorted([a, b])
+            st = sisa.status(d)
+            row["loadable"] = st["version"] == 2
+            row["no_forgotten_in_ckpts"] = st["checkpoints_trained_on_forgotten_data"] == 0
+            v = sisa.verify(d)
+            row["verify_exact"] = bool(v["ok"] and v["max_abs_diff"] == 0.0)
+        except Exception as e:  # a failed trial is counted, not fatal
+            row["error"] = f"{type(e).__name__}: {e}"
+        row["pass"] = (row["rc"] == [0, 0] and row.get("both_applied", False)
+                       and row.get("loadable", False) and row.get("verify_exact", False)
+                       and row.get("no_forgotten_in_ckpts", False))
+        rows.append(row)
+        shutil.rmtree(d)
+    return {"trials": trials, "passed": sum(r["pass"] for r in rows),
+            "stderr_clean": sum(r["stderr_clean"] for r in rows),
+            "failures": [r for r in rows if not r["pass"]],
+            "wall_s": time.perf_counter() - t0}
+
+
+def purge(tmp: Path) -> dict:
+    """Purge scan after one request on a fresh model; footprint after 10 requests; verify after
+    5 and 10 chained requests (float32); then delete the forgotten files and ask again."""
+    from tests.test_sisa_store import purge_scan
+    from unlearn import sisa
+
+    spec = f"folder:{jersey_folder(tmp / 'jerseys')}"
+    d = _train_mlp(tmp, spec, "purge")
+    out = {"fresh_bytes_files": _du(d)}
+    lay = np.load(d / "layout.npz")
+    ids, shard = lay["ids"].astype(str), lay["shard"]
+    rng = np.random.default_rng(1)
+    picks = [str(rng.choice(ids[shard == s])) for s in rng.integers(0, 4, 10)]
+    picks = list(dict.fromkeys(picks))
+    while len(picks) < 10:
+        picks = list(dict.fromkeys([*picks, str(rng.choice(ids))]))
+    sh(HERE, "forget", str(d), "--ids", picks[0].split("/")[-1])
+    scan = purge_scan(d)
+    out["after_1_request"] = {"checkpoints": scan["checkpoints"],
+                              "trained_on_forgotten": len(scan["trained_on_forgotten"]),
+                              "stray_files": len(scan["strays"]), "complete": scan["complete"]}
+    for i in range(1, 10):
+        sh(HERE, "forget", str(d), "--ids", picks[i].split("/")[-1])
+        if i == 4:
+            v = sisa.verify(d)
+            out["verify_after_5"] = {k: v[k] for k in ("ok", "max_abs_diff", "units_checked")}
+    v = sisa.verify(d)
+    out["verify_after_10"] = {k: v[k] for k in ("ok", "max_abs_diff", "units_checked")}
+    scan = purge_scan(d)
+    out["after_10_requests"] = {"bytes_files": _du(d), "checkpoints": scan["checkpoints"],
+                                "trained_on_forgotten": len(scan["trained_on_forgotten"]),
+                                "stray_files": len(scan["strays"])}
+    root = Path(spec[7:])
+    for i in picks:
+        (root / i).unlink()
+    _, r = sh(HERE, "status", str(d))
+    s = json.loads(r.stdout)
+    out["after_deleting_files"] = {
+        "status": {k: s[k] for k in ("version", "forgotten",
+                                     "checkpoints_trained_on_forgotten_data")},
+        "repeat_forget": json.loads(sh(HERE, "forget", str(d), "--ids",
+                                       picks[3].split("/")[-1])[1].stdout)["already_forgotten"],
+    }
+    _, r = sh(HERE, "verify", str(d))
+    v = json.loads(r.stdout)
+    out["after_deleting_files"]["verify"] = {k: v[k] for k in ("ok", "max_abs_diff",
+                                                              "units_checked",
+                                                              "missing_retained")}
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--before", type=Path, help="checkout of the older revision to compare")
     ap.add_argument("--only", choices=["timing", "concurrency", "purge"], nargs="*")
     ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     a = ap.parse_args(argv)
     only = set(a.only or ["timing", "concurrency", "purge"])
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, "
-                            f"{os.cpu_count()} CPU cores (shared)"}
+                            f"{os.cpu_count()} CPU cores (shared, load {os.getloadavg()[0]:.1f})"}
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
+        if "purge" in only:
+            res["purge"] = purge(tmp / "purge")
+            print(json.dumps(res["purge"], indent=1), flush=True)
+        if "concurrency" in only:
+            res["concurrency"] = concurrency(tmp / "conc", a.trials)
+            print(json.dumps(res["concurrency"], indent=1), flush=True)
         if "timing" in only:
             codes = {"after": HERE}
             if a.before:
                 codes = {"before": a.before.resolve(), "after": HERE}
             res["timing"] = timing(codes, tmp / "timing")
     print(json.dumps(res, indent=1))
+    if a.out:
+        a.out.write_text(json.dumps(res, indent=1))
     return res
 
 

@@ -219,3 +219,51 @@ def test_frozen_apply_gradients_exclude_statistics(x64):
     # float64 central difference (piecewise-smooth ReLU/max-pool net, no kink within 1e-6 at
     # this point): O(eps^2) truncation + O(1e-16/eps) rounding, ~1e-9 relative
     np.testing.assert_allclose(fd, dot, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["2d", "2d_flat", "1d"])
+def test_ensemble_apply_matches_per_member(kind, x64):
+    # float64: the fused (im2col, batched-matmul) CNN differs from per-member convolutions only
+    # in summation order over <= 9*16 products per output, so agreement to ~1e-13 relative.
+    S = 3
+    if kind == "2d":
+        m, shape = models.cnn(4, features=(3, 5), dense=6), (S, 5, 9, 7, 2)
+    elif kind == "2d_flat":
+        m, shape = models.cnn(4, features=(4, 8, 16), dense=6, image_shape=(8, 8, 1)), (S, 5, 64)
+    else:
+        m, shape = models.cnn(4, features=(3, 5), dense=6), (S, 5, 11)
+    xs = jax.random.normal(jax.random.key(1), shape, jnp.float64)
+    vs = jax.vmap(m.init, in_axes=(0, None))(jax.random.split(jax.random.key(0), S), xs[0])
+    vs = jax.tree.map(lambda a: a.astype(jnp.float64), vs)
+    f = models.ensemble_apply(m)
+    assert models.ensemble_apply(models.make(*m.spec[:1], **dict(m.spec[1]))) is f
+    take = lambda t, s: jax.tree.map(lambda a: a[s], t)
+    ref = jnp.stack([m.apply(take(vs, s), xs[s]) for s in range(S)])
+    got = f(vs, xs)
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+    # gradients of the summed per-member losses w.r.t. the stacked params: per-member grads
+    g = jax.grad(lambda v: jnp.sum(f(v, xs) ** 2))(vs)
+    for s in range(S):
+        gs = jax.grad(lambda v, xb: jnp.sum(m.apply(v, xb) ** 2))(take(vs, s), xs[s])
+        for a, b in zip(jax.tree.leaves(take(g, s)), jax.tree.leaves(gs)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_ensemble_apply_float32_and_fallbacks():
+    m = models.cnn(10, image_shape=(28, 28, 1))  # the tutorial CNN at MNIST size
+    S = 2
+    xs = jax.random.normal(jax.random.key(1), (S, 4, 784))
+    vs = jax.vmap(m.init, in_axes=(0, None))(jax.random.split(jax.random.key(0), S), xs[0])
+    take = lambda t, s: jax.tree.map(lambda a: a[s], t)
+    ref = jnp.stack([m.apply(take(vs, s), xs[s]) for s in range(S)])
+    # float32: two summation orders over up to 1152 products (unit roundoff 6e-8): ~1e-5
+    np.testing.assert_allclose(models.ensemble_apply(m)(vs, xs), ref, rtol=1e-4, atol=1e-5)
+    d = models.mlp(3, (4,))
+    vd = jax.vmap(d.init, in_axes=(0, None))(jax.random.split(jax.random.key(0), S), xs[0])
+    np.testing.assert_allclose(models.ensemble_apply(d)(vd, xs),
+                               jnp.stack([d.apply(take(vd, s), xs[s])
+                                          for s in range(S)]), rtol=1e-6)
+    with pytest.raises(ValueError, match="dropout"):
+        models.ensemble_apply(models.cnn(10, dropout=0.5))
+    with pytest.raises(ValueError, match="resnet9"):
+        models.ensemble_apply(models.resnet9(10, width=4))

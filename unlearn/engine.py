@@ -54,8 +54,9 @@ program once (``cache_info()`` counts the traces).
 
 **Model state and randomness.** For models with state (``model.has_state``) the train-mode
 forward is ``apply(variables, x, train=True, rng=r)`` returning ``(logits, new_state)``; the
-per-step key ``r = fold_in(fold_in(key_s, epoch), t)`` depends only on the member's key, the
-epoch tag and the step number, so retraining replays the same dropout masks. Augmentation
+per-step key ``r = fold_in(fold_in(key_s, epoch), b)`` depends only on the member's key, the
+epoch tag and the batch number within the member's epoch, so retraining replays the same
+dropout masks. Augmentation
 (``augment``) is applied to each batch inside the step from (key, epoch, id hash) only.
 """
 
@@ -157,25 +158,53 @@ class Schedule(NamedTuple):
     ``idx``/``w``: one (S, T, B) int32 row-index array and one (S, T, B) weight array per
     *stream* (plain training has one stream; NegGrad+-style losses a retain and a forget
     stream). ``active`` (S, T): False marks a no-op step. ``progress`` (S, T): the fraction of
-    the run done before the step (for decaying schedules).
+    the run done before the step (for decaying schedules). ``epoch``/``batch`` (S, T) int32:
+    the step's epoch tag and its batch number within the member's epoch; the step's random key
+    is ``fold_in(fold_in(key_s, epoch), batch)`` and augmentation is keyed on (key_s, epoch,
+    id), so a step's randomness never depends on how members are batched together.
     """
 
     idx: tuple[np.ndarray, ...]
     w: tuple[np.ndarray, ...]
     active: np.ndarray
     progress: np.ndarray
+    epoch: np.ndarray
+    batch: np.ndarray
 
     @property
     def steps(self) -> int:
         return int(self.active.shape[1])
 
+    def steps_slice(self, start: int, stop: int) -> Schedule:
+        """Steps ``start:stop`` of every member (padded with no-op steps past the end)."""
+        T = self.steps
+        pad = max(0, stop - T)
+
+        def cut(a):
+            a = a[:, start:min(stop, T)]
+            return np.concatenate([a, np.zeros((a.shape[0], pad, *a.shape[2:]), a.dtype)], 1)
+
+        return Schedule(tuple(cut(i) for i in self.idx), tuple(cut(w) for w in self.w),
+                        cut(self.active), cut(self.progress), cut(self.epoch), cut(self.batch))
+
+
+def concat_schedules(scheds: Sequence[Schedule]) -> Schedule:
+    """Steps of several schedules (same members, same streams) one after the other."""
+    cat = lambda xs: np.concatenate(xs, axis=1)  # noqa: E731
+    return Schedule(tuple(cat(a) for a in zip(*(s.idx for s in scheds))),
+                    tuple(cat(a) for a in zip(*(s.w for s in scheds))),
+                    cat([s.active for s in scheds]), cat([s.progress for s in scheds]),
+                    cat([s.epoch for s in scheds]), cat([s.batch for s in scheds]))
+
 
 def stack_schedules(parts: Sequence[Sequence[tuple[np.ndarray, np.ndarray]] | None],
-                    batch_size: int, progress: np.ndarray | None = None) -> Schedule:
+                    batch_size: int, progress: np.ndarray | None = None,
+                    epoch: int = 0) -> Schedule:
     """Stack per-member batch lists into one :class:`Schedule`, padded with no-op steps.
 
     ``parts[s]`` is a tuple of ``(idx (T_s, B), w (T_s, B))`` per stream (all streams of a
-    member have the same T_s), or None for a member with nothing to do in this call.
+    member have the same T_s), or None for a member with nothing to do in this call; ``epoch``
+    is the epoch tag of every step, batches are numbered 0..T_s−1 per member.
     """
     S = len(parts)
     T = max([p[0][0].shape[0] for p in parts if p is not None], default=0)
@@ -190,7 +219,9 @@ def stack_schedules(parts: Sequence[Sequence[tuple[np.ndarray, np.ndarray]] | No
             idx[j][s, : len(i)], w[j][s, : len(m)] = i, m
         act[s, : len(p[0][0])] = True
     prog = np.zeros((S, T), np.float32) if progress is None else np.asarray(progress, np.float32)
-    return Schedule(tuple(idx), tuple(w), act, prog)
+    ep = np.full((S, T), epoch, np.int32)
+    bt = np.broadcast_to(np.arange(T, dtype=np.int32), (S, T)).copy()
+    return Schedule(tuple(idx), tuple(w), act, prog, ep, bt)
 
 
 # ----------------------------------------------------------------------------- models
@@ -371,11 +402,14 @@ def cache_info() -> dict[str, int]:
     return {"programs": len(_PROGRAMS), "traces": sum(_TRACES.values())}
 
 
-def _member_step(prog: Program, model, opt, carry, aux, gmask, key, epoch, t, x, y, hashes,
-                 idxs, ws, active, progress):
-    """One optimiser step of one member (pure; vmapped, scanned or unrolled by the strategy)."""
+def _member_step(prog: Program, model, opt, carry, aux, gmask, key, x, y, hashes, sched):
+    """One optimiser step of one member (pure; vmapped, scanned or unrolled by the strategy).
+
+    ``sched`` = (idxs, ws, active, progress, epoch, batch) of this member at this step.
+    """
+    idxs, ws, active, progress, epoch, batch = sched
     params, opt_state, mstate = carry
-    rng = jax.random.fold_in(jax.random.fold_in(key, epoch), t)
+    rng = jax.random.fold_in(jax.random.fold_in(key, epoch), batch)
     stateful = bool(mstate) or _takes(model.apply, "train")
     with_mask = stateful and _takes(model.apply, "mask")
     batches = []
@@ -414,46 +448,44 @@ def _member_step(prog: Program, model, opt, carry, aux, gmask, key, epoch, t, x,
 
 
 def _program(prog: Program, model) -> Callable:
-    """The jitted program of ``prog`` (built once per static configuration)."""
+    """The jitted program of ``prog`` (built once per static configuration).
+
+    Signature ``(members, aux, grad_mask, keys, x, y, hashes, sched) -> (members, losses)``
+    with ``sched`` the arrays of a :class:`Schedule` (steps first for ``scan``; one step for
+    ``loop``/``vmap``; without the member axis when ``prog.shared``).
+    """
     if prog in _PROGRAMS:
         return _PROGRAMS[prog]
     opt = make_optimizer(prog.optimizer)
 
-    def step(carry, aux, gmask, key, epoch, t, x, y, hashes, idxs, ws, active, progress):
-        return _member_step(prog, model, opt, carry, aux, gmask, key, epoch, t, x, y, hashes,
-                            idxs, ws, active, progress)
+    def step(carry, aux, gmask, key, x, y, hashes, sched):
+        return _member_step(prog, model, opt, carry, aux, gmask, key, x, y, hashes, sched)
 
     # member axis: carry, aux, gmask, key and (unless every member has the same schedule,
-    # e.g. a hyperparameter grid) idxs, ws, active, progress; shared: the rest
-    sa = None if prog.shared else 0
-    axes = (0, 0, 0, 0, None, None, None, None, None, sa, sa, sa, sa)
-    vstep = jax.vmap(step, in_axes=axes)
+    # e.g. a hyperparameter grid) the schedule; shared by all members: the data
+    vstep = jax.vmap(step, in_axes=(0, 0, 0, 0, None, None, None, None if prog.shared else 0))
     pick = (lambda a, s: a) if prog.shared else (lambda a, s: a[s])
 
+    def count():
+        _TRACES[prog] = _TRACES.get(prog, 0) + 1
+
     if prog.strategy == "scan":
-        def run(carry, aux, gmask, keys, epoch, x, y, hashes, idxs, ws, active, progress):
-            _TRACES[prog] = _TRACES.get(prog, 0) + 1
-
-            def body(c, b):
-                t, i, w, a, pr = b
-                return vstep(c, aux, gmask, keys, epoch, t, x, y, hashes, i, w, a, pr)
-
-            T = active.shape[0]
-            return jax.lax.scan(body, carry, (jnp.arange(T), idxs, ws, active, progress))
+        def run(carry, aux, gmask, keys, x, y, hashes, sched):
+            count()
+            return jax.lax.scan(lambda c, st: vstep(c, aux, gmask, keys, x, y, hashes, st),
+                                carry, sched)
 
     elif prog.strategy == "vmap":
-        def run(carry, aux, gmask, keys, epoch, t, x, y, hashes, idxs, ws, active, progress):
-            _TRACES[prog] = _TRACES.get(prog, 0) + 1
-            return vstep(carry, aux, gmask, keys, epoch, t, x, y, hashes, idxs, ws, active,
-                         progress)
+        def run(carry, aux, gmask, keys, x, y, hashes, sched):
+            count()
+            return vstep(carry, aux, gmask, keys, x, y, hashes, sched)
 
     else:  # loop: members unrolled at trace time, S independent programs in one jit
-        def run(carry, aux, gmask, keys, epoch, t, x, y, hashes, idxs, ws, active, progress):
-            _TRACES[prog] = _TRACES.get(prog, 0) + 1
+        def run(carry, aux, gmask, keys, x, y, hashes, sched):
+            count()
             outs = [step(unstack(carry, s), unstack(aux, s),
-                         None if gmask is None else unstack(gmask, s), keys[s], epoch, t,
-                         x, y, hashes, tuple(pick(i, s) for i in idxs),
-                         tuple(pick(w, s) for w in ws), pick(active, s), pick(progress, s))
+                         None if gmask is None else unstack(gmask, s), keys[s], x, y, hashes,
+                         jax.tree.map(lambda a, s=s: pick(a, s), sched))
                     for s in range(keys.shape[0])]
             return stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
 
@@ -484,54 +516,76 @@ class Data(NamedTuple):
     hashes: jax.Array
 
 
+def hash32(ids_hash: np.ndarray) -> jax.Array:
+    """64-bit id hashes folded to 32 bits (:func:`unlearn.augment.hash32`), on the device."""
+    from unlearn.augment import hash32 as fold
+
+    return jnp.asarray(fold(np.asarray(ids_hash, np.uint64)))
+
+
 def device_data(x, y, ids_hash: np.ndarray | None, dtype: str) -> Data:
     """Cast the inputs to ``dtype`` and put the data on the device once per run."""
-    n = len(y)
-    h = np.zeros(n, np.uint32) if ids_hash is None else (
-        np.asarray(ids_hash, np.uint64) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-    return Data(cast(jnp.asarray(x), dtype), jnp.asarray(y), jnp.asarray(h))
+    h = hash32(np.zeros(len(y), np.uint64) if ids_hash is None else ids_hash)
+    return Data(cast(jnp.asarray(x), dtype), jnp.asarray(y), h)
+
+
+def place(tree, mesh, axis: int = 0):
+    """Put axis ``axis`` (the member axis) of every leaf on the first axis of a
+    ``jax.sharding.Mesh`` (``NamedSharding``); identity without a mesh."""
+    if mesh is None:
+        return tree
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(mesh.devices, mesh.axis_names)  # automatic (GSPMD) axes, whatever was passed
+    name = mesh.axis_names[0]
+
+    def put(a):
+        spec = [None] * np.ndim(a)
+        spec[axis] = name
+        return jax.device_put(a, NamedSharding(mesh, P(*spec)))
+
+    return jax.tree.map(put, tree)
 
 
 def run(model, members: Members, data: Data, sched: Schedule, *, keys: jax.Array,
         aux: dict, optimizer: str, dtype: str, strategy: str = "auto",
         loss: Callable = train_loss, augment: Callable | None = None,
-        grad_mask: Params | None = None, epoch: int = 0) -> tuple[Members, jax.Array]:
+        grad_mask: Params | None = None, mesh=None) -> tuple[Members, jax.Array]:
     """Run the steps of ``sched`` for every member; returns (members, losses (S, T)).
 
     ``keys`` (S,) are the members' keys (dropout / augmentation randomness), ``aux`` a dict of
     stacked per-member values the loss reads (``l2`` at least), ``grad_mask`` an optional
-    stacked 0/1 pytree multiplying the gradients, ``epoch`` the tag folded into the step keys.
-    Steps with ``active = False`` leave a member unchanged.
+    stacked 0/1 pytree multiplying the gradients, ``mesh`` lays the member axis of the
+    schedule on a device mesh (place ``members`` with :func:`place`). Steps with
+    ``active = False`` leave a member unchanged.
     """
     if sched.steps == 0:
         return members, jnp.zeros((members.size, 0))
     strategy = resolve_strategy(model, strategy)
     padded = not bool(sched.active.all())
-    arrays = (*sched.idx, *sched.w, sched.active, sched.progress)
-    shared = len(sched.active) > 1 and all((a[1:] == a[:1]).all() for a in arrays)
+    fdt = np.dtype(data.x.dtype)
+    arrays = (tuple(sched.idx), tuple(np.asarray(w, fdt) for w in sched.w), sched.active,
+              sched.progress.astype(fdt), sched.epoch, sched.batch)
+    leaves = jax.tree.leaves(arrays)
+    shared = mesh is None and len(sched.active) > 1 and all(
+        (a[1:] == a[:1]).all() for a in leaves)
     prog = Program(model_key(model), optimizer, strategy, dtype, loss, augment,
                    grad_mask is not None, padded, shared)
     fn = _program(prog, model)
-    fdt = data.x.dtype
-    k = len(sched.idx)
-    # shared: one schedule for all members (member axis dropped); scan: steps axis first
-    if shared:
-        arrays = tuple(a[0] for a in arrays)
-    elif strategy == "scan":
-        arrays = tuple(np.swapaxes(a, 0, 1) for a in arrays)  # (S, T, ...) -> (T, S, ...)
-    idx, ws = arrays[:k], tuple(np.asarray(w, fdt) for w in arrays[k:2 * k])
-    act, prog_ = arrays[2 * k:]
-    ep = jnp.int32(epoch)
+    if shared:  # one schedule for every member: drop the member axis
+        arrays = jax.tree.map(lambda a: a[0], arrays)
+    args = (members, aux, grad_mask, keys, data.x, data.y, data.hashes)
     if strategy == "scan":
-        members, losses = fn(members, aux, grad_mask, keys, ep, data.x, data.y, data.hashes,
-                             idx, ws, act, prog_)
+        if not shared:  # (S, T, ...) -> (T, S, ...): steps first for the scan
+            arrays = place(jax.tree.map(lambda a: np.swapaxes(a, 0, 1), arrays), mesh, 1)
+        members, losses = fn(*args, arrays)
         return members, losses.T
-    at = (lambda a, t: a[t]) if shared else (lambda a, t: a[:, t])
+    tax = 0 if shared else 1
     losses = []
     for t in range(sched.steps):
-        members, loss_t = fn(members, aux, grad_mask, keys, ep, jnp.int32(t), data.x, data.y,
-                             data.hashes, tuple(at(i, t) for i in idx),
-                             tuple(at(w, t) for w in ws), at(act, t), at(prog_, t))
+        st = jax.tree.map(lambda a, t=t: np.take(a, t, axis=tax), arrays)
+        members, loss_t = fn(members, *args[1:], place(st, mesh, 0) if not shared else st)
         losses.append(loss_t)
     return members, jnp.stack(losses, 1)
 
@@ -682,10 +736,10 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
     for e in tqdm(range(epochs), disable=not progress, desc=desc):
         parts = {s: member_batches(present[s], hashes[s], seeds[s], e, batch_size)
                  for s in set(first)}
-        sched = stack_schedules([(parts[first[s]],) for s in range(S)], batch_size)
+        sched = stack_schedules([(parts[first[s]],) for s in range(S)], batch_size, epoch=e)
         members, ls = run(model, members, data, sched, keys=keys, aux=aux,
                           optimizer=optimizer, dtype=dtype, strategy=strategy,
-                          augment=augment, epoch=e)
+                          augment=augment)
         losses.append(ls)
     last = losses[-1] if losses else None
     check_finite(members, last, "training",

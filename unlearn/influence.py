@@ -98,6 +98,8 @@ Apply = Callable[[Params, Array], Array]
 
 __all__ = [
     "NewtonFactor",
+    "NystromCache",
+    "nystrom_cache",
     "full_hessian",
     "newton_factor",
     "removed_curvature_factor",
@@ -184,7 +186,8 @@ def newton_factor(apply: Apply, params: Params, x: Array, y: Array, w: Array, l2
     :math:`H_D + \lambda_d I` is not positive definite.
     """
     h = full_hessian(apply, params, x, y, w, l2)
-    evals, evecs = _eigh(h, jnp.asarray(damping, h.dtype))
+    with solvers.lapack_guard(h.shape[0]):
+        evals, evecs = jax.block_until_ready(_eigh(h, jnp.asarray(damping, h.dtype)))
     dtype = h.dtype
     del h
     lo, hi = float(evals[0]), float(evals[-1])
@@ -201,6 +204,43 @@ def newton_factor(apply: Apply, params: Params, x: Array, y: Array, w: Array, l2
     g = curvature.flat_grad(apply, params, x, y, w, l2)
     grad_sum = max(n, 1.0) * (g - l2 * theta)  # Σ w_i ∇ℓ_i (the objective's normaliser)
     return NewtonFactor(evals, evecs, grad_sum, n, float(l2), float(damping))
+
+
+class NystromCache(NamedTuple):
+    r"""What the matrix-free (preconditioned CG) path caches at :math:`\theta^*`.
+
+    ``approx``: randomized Nyström approximation of the data term of the curvature
+    (``solvers.nystrom``; the L2 term and the damping are the preconditioner's shift), built
+    from ``rank`` curvature-vector products in one batched call; ``grad_sum``: :math:`\sum_i
+    w_i\nabla\ell_i(\theta^*)` so a request at the anchor needs only the removed points'
+    gradients (as :class:`NewtonFactor`). Memory :math:`O(p\,r)`, never :math:`O(p^2)`.
+    """
+
+    approx: solvers.NystromApprox
+    grad_sum: Array
+    n: float
+    l2: float
+    damping: float
+
+    def preconditioner(self) -> Any:
+        r""":func:`solvers.nystrom_preconditioner` for :math:`H + \lambda_d I`."""
+        return solvers.nystrom_preconditioner(self.approx, self.l2 + self.damping)
+
+
+def nystrom_cache(apply: Apply, params: Params, x: Array, y: Array, w: Array, l2: float,
+                  damping: float = 0.0, rank: int = 100, key: Array | None = None,
+                  curvature_fn: Callable[..., Any] | None = None) -> NystromCache:
+    r"""Prepare the matrix-free Newton path once: a rank-``rank`` Nyström approximation of the
+    data-term curvature at ``params`` (HVP by default; ``curvature_fn=curvature.ggn_vp`` for
+    the Gauss–Newton matrix) and the summed example gradients there."""
+    fn = curvature.hvp if curvature_fn is None else curvature_fn
+    theta, _ = ravel_pytree(params)
+    data_op = fn(apply, params, x, y, w, 0.0)
+    approx = solvers.nystrom(data_op, theta, rank, key)
+    n = float(np.sum(np.asarray(w)))
+    g = curvature.flat_grad(apply, params, x, y, w, l2)
+    grad_sum = max(n, 1.0) * (g - l2 * theta)
+    return NystromCache(approx, grad_sum, n, float(l2), float(damping))
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +340,7 @@ def _eig_woodbury(evals: Array, evecs: Array, z: Array, n: Array, k: Array, lam:
 
 
 def woodbury_solve(factor: NewtonFactor, v: Array, k: int, g: Array, *,
-                   projected: bool = False) -> solvers.SolveResult:
+                   projected: bool = False) -> solvers.Solution:
     r"""Solve :math:`(H_r + \lambda_d I)x = g` from the cached eigendecomposition of
     :math:`H_D+\lambda_dI`, exactly (no iteration).
 
@@ -326,7 +366,7 @@ def woodbury_solve(factor: NewtonFactor, v: Array, k: int, g: Array, *,
             "Woodbury downdate failed: the retained Hessian is not positive definite at the "
             "anchor params (capacitance matrix not PD). Pass damping > 0 or refactor.")
     ftol = 1e-8 if dtype == jnp.float64 else 1e-3
-    return solvers.SolveResult(x, jnp.asarray(0), res, jnp.asarray(res <= ftol), "woodbury")
+    return solvers.Solution(x, jnp.asarray(0), res, jnp.asarray(res <= ftol), "woodbury")
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +414,10 @@ def newton_step(
     lissa_depth: int = 1000,
     lissa_scale: float | None = None,
     key: Array | None = None,
-) -> tuple[Params, solvers.SolveResult]:
+    precond: Any = None,
+    x0: Array | None = None,
+    curvature_fn: Callable[..., Any] | None = None,
+) -> tuple[Params, solvers.Solution]:
     r"""One Newton step :math:`\theta - (H_r+\lambda_dI)^{-1}\nabla L(\theta; w)` on the
     retained objective (weights ``w``).
 
@@ -383,8 +426,9 @@ def newton_step(
     rows), an exact Woodbury-downdated solve with the Hessian at ``anchor``
     (:func:`woodbury_solve`); without a factor, a fresh dense Hessian at ``params`` and a
     Cholesky solve.
-    ``cg`` / ``lissa`` — matrix-free on the HVP at ``params`` (``solvers.solve``). ``grad``
-    may pass a precomputed gradient.
+    ``cg`` / ``lissa`` — matrix-free on the HVP at ``params`` (``curvature_fn`` picks another
+    product, e.g. ``curvature.ggn_vp``); ``precond`` (e.g. ``NystromCache.preconditioner()``)
+    and a warm start ``x0`` go to CG. ``grad`` may pass a precomputed gradient.
     """
     theta, unravel = ravel_pytree(params)
     g = retained_gradient(apply, params, x, y, w, l2) if grad is None else grad
@@ -400,16 +444,19 @@ def newton_step(
                               RuntimeWarning, stacklevel=2)
         else:
             h = full_hessian(apply, params, x, y, w, l2)
-            res = solvers.solve(h, g, "cholesky", damping=damping, tol=tol,
-                                check_curvature=False)
+            res = solvers.linear_solve(h, g, solvers.Cholesky(tol=tol), damping=damping,
+                                       check_curvature=False)
     elif solver in ("cg", "lissa"):
-        op = curvature.hvp(apply, params, x, y, w, l2)
+        op = (curvature.hvp if curvature_fn is None else curvature_fn)(
+            apply, params, x, y, w, l2)
         if solver == "cg":
-            res = solvers.solve(op, g, "cg", damping=damping, tol=tol, maxiter=maxiter,
-                                check_curvature=damping > 0)
+            res = solvers.linear_solve(
+                op, g, solvers.CG(tol=tol, maxiter=maxiter, precond=precond, x0=x0),
+                damping=damping, check_curvature=damping > 0 and precond is None)
         else:
-            res = solvers.solve(op, g, "lissa", damping=damping, tol=tol, scale=lissa_scale,
-                                lissa_depth=lissa_depth, key=key, check_curvature=True)
+            res = solvers.linear_solve(
+                op, g, solvers.LiSSA(scale=lissa_scale, depth=lissa_depth, key=key, tol=tol),
+                damping=damping, check_curvature=True)
     else:
         raise ValueError(f"solver={solver!r}: choose 'exact', 'cg' or 'lissa'.")
     return unravel(theta - res.x), res

@@ -384,6 +384,76 @@ def make(name: str, num_classes: int, **kwargs) -> Model:
     return REGISTRY[name](num_classes, **kwargs)
 
 
+def _patches(x: jax.Array, spatial: int) -> jax.Array:
+    """Width-3 'SAME' patches of ``x`` ``(S, B, *spatial, C)`` -> ``(S, B, *spatial, 3^d·C)``,
+    ordered (offset_1, …, offset_d, channel) like a flattened ``(3,)*d + (C, F)`` kernel."""
+    sizes = x.shape[2:2 + spatial]
+    xp = jnp.pad(x, ((0, 0), (0, 0)) + ((1, 1),) * spatial + ((0, 0),))
+    if spatial == 1:
+        cols = [xp[:, :, i:i + sizes[0]] for i in range(3)]
+    else:
+        cols = [xp[:, :, i:i + sizes[0], j:j + sizes[1]] for i in range(3) for j in range(3)]
+    return jnp.concatenate(cols, axis=-1)
+
+
+def _max_pool2(x: jax.Array, spatial: int) -> jax.Array:
+    """2× max-pool, stride 2, 'VALID' (floor), of ``(S, B, *spatial, C)``, as nn.max_pool."""
+    s, b, c = x.shape[0], x.shape[1], x.shape[-1]
+    half = [d // 2 for d in x.shape[2:2 + spatial]]
+    x = x[(slice(None), slice(None)) + tuple(slice(0, 2 * h) for h in half)]
+    shape = (s, b) + tuple(v for h in half for v in (h, 2)) + (c,)
+    return jnp.max(x.reshape(shape), axis=tuple(3 + 2 * i for i in range(spatial)))
+
+
+@functools.cache
+def ensemble_apply(model: Model) -> Callable[[Variables, jax.Array], jax.Array]:
+    """Eval-mode apply of S stacked members at once: ``f(stacked_variables, xs) -> (S, B, K)``
+    with ``xs`` of shape ``(S, B, ...)`` (member s sees its own batch ``xs[s]``), equal to
+    ``stack([model.apply(variables[s], xs[s]) for s])`` up to float summation order.
+
+    For the CNN every convolution is written as patches (im2col) times the member's kernel,
+    one *batched* matmul over the member axis (``einsum('sb…k,skf->sb…f')``), and the dense
+    layers likewise. On XLA's CPU backend this avoids both slow paths measured here: the
+    grouped convolution that ``vmap`` of a conv becomes, and S separate small convolutions
+    (see ``benchmarks/cnn_strategies.py`` and RESULTS.md). Gradients follow by autodiff (a
+    batched matmul's transpose is a batched matmul). Models without convolutions get
+    ``jax.vmap(model.apply)`` (dense models vmap well). Memoised per model: the same function
+    object for the same spec, so compile caches keyed on it hit.
+
+    The CNN with dropout is not supported (its masks are drawn per member by flax; use the
+    per-member strategies), nor are BatchNorm models.
+    """
+    name, items = model.spec
+    kw = dict(items)
+    if not model.has_conv:
+        return jax.vmap(model.apply)
+    if name != "cnn" or model.stochastic:
+        raise ValueError(f"ensemble_apply fuses the plain CNN only; got {name!r}"
+                         f"{' with dropout' if model.stochastic else ''}. Use a per-member "
+                         f"strategy (unroll/loop) for this model.")
+    n_conv, image_shape = len(kw["features"]), kw["image_shape"]
+
+    def apply(variables: Variables, xs: jax.Array) -> jax.Array:
+        p = variables["params"]
+        s, b = xs.shape[:2]
+        x = _to_image(xs.reshape((s * b,) + xs.shape[2:]), image_shape)
+        x = x.reshape((s, b) + x.shape[1:])
+        spatial = x.ndim - 3
+        for i in range(n_conv):
+            k, bias = p[f"Conv_{i}"]["kernel"], p[f"Conv_{i}"]["bias"]
+            kk = k.reshape(s, -1, k.shape[-1])
+            x = jnp.einsum("sb...k,skf->sb...f", _patches(x, spatial), kk)
+            x = nn.relu(x + bias.reshape((s, 1) + (1,) * spatial + (-1,)))
+            if min(x.shape[2:-1]) >= 2:
+                x = _max_pool2(x, spatial)
+        x = x.reshape(s, b, -1)
+        d0, d1 = p["Dense_0"], p["Dense_1"]
+        x = nn.relu(jnp.einsum("sbi,sio->sbo", x, d0["kernel"]) + d0["bias"][:, None])
+        return jnp.einsum("sbi,sio->sbo", x, d1["kernel"]) + d1["bias"][:, None]
+
+    return apply
+
+
 def num_params(variables: Mapping[str, Any]) -> int:
     """Number of trainable parameters (the ``params`` collection only)."""
     return sum(int(a.size) for a in jax.tree.leaves(split_variables(variables)[0]))

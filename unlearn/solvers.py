@@ -66,6 +66,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg.cython_lapack  # noqa: F401  (jaxlib's LAPACK: loaded so the guard sees it)
 import threadpoolctl
 from jax.tree_util import Partial
 
@@ -313,8 +314,9 @@ def lanczos_extremes(
 #: Largest matrix order factorised with OpenBLAS's threads. Measured on this machine (2 cores,
 #: the OpenBLAS 0.3.30/0.3.31 builds inside the scipy and numpy wheels that jaxlib's LAPACK
 #: kernels call): threaded float64 ``potrf`` at p = 23 500 kills the process (SIGSEGV, exit
-#: 139) while float32 at 24 000 survives (47 s); single-threaded float32 at 24 000 takes
-#: 96 s (``tests/test_solvers.py::test_exact_path_large_p``, ``slow``).
+#: 139) while float32 at 24 000 survives (47 s); single-threaded, float64 at 23 500 works
+#: (109 s) (``tests/test_solvers.py::test_exact_path_large_p``, ``slow``). The limit must see
+#: scipy's OpenBLAS, which jaxlib loads lazily: this module imports it first.
 #: Above this order :func:`lapack_guard` runs the factorisation with one BLAS thread.
 LAPACK_THREADED_LIMIT = 20_000
 

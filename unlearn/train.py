@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from unlearn import augment as augment_lib
 from unlearn import engine
 from unlearn.data import Dataset, stable_hash
 from unlearn.engine import (  # noqa: F401 (the data-order rule lives in the engine; re-exported)
@@ -49,7 +50,7 @@ from unlearn.objective import example_losses, l2_norm_sq, objective  # noqa: F40
 Params = Any
 SOLVERS = ("sgd", "lbfgs")
 DTYPES = ("float32", "float64")
-AUGMENTATIONS = ("none", "crop_flip")
+AUGMENTATIONS = ("none", "crop_flip", "crop_flip_reflect")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +62,9 @@ class TrainConfig:
     strategy: the engine's epoch strategy: ``auto``, ``scan``, ``loop`` or ``vmap``
       (:func:`unlearn.engine.resolve_strategy`).
     dtype: ``float32`` or ``float64`` (the latter needs ``jax_enable_x64``).
-    augment: ``none`` or ``crop_flip`` (random crop with padding + horizontal flip, keyed on
-      (key, epoch, id); images only).
+    augment: ``none``, ``crop_flip`` (4-pixel zero padding, random crop, horizontal flip: the
+      CIFAR ResNet-18 recipe) or ``crop_flip_reflect`` (reflection padding: DAWNBench
+      ResNet-9), keyed on (key, epoch, id) (:mod:`unlearn.augment`); image inputs only.
 
     Invalid values raise ``ValueError`` naming the field at construction.
     """
@@ -121,52 +123,20 @@ def use_scan(model: Model, strategy: str) -> bool:
     return engine.resolve_strategy(model, strategy) == "scan"
 
 
+def _crop_flip(x, id_hashes, key, epoch):
+    return augment_lib.augment(x, id_hashes, key, epoch)
+
+
+def _crop_flip_reflect(x, id_hashes, key, epoch):
+    return augment_lib.augment(x, id_hashes, key, epoch, mode="reflect")
+
+
 def augmentation(cfg: TrainConfig):
-    """The augmentation function named by ``cfg.augment`` (None for ``none``)."""
-    if cfg.augment == "none":
-        return None
-    from unlearn import augment as augment_lib
-
-    return augment_lib.engine_augment
-
-
-def make_step(apply, opt: optax.GradientTransformation, l2: float):
-    """One optimiser step on a weighted minibatch (pure). Legacy: only ``unlearn/sisa.py``
-    still builds its own step; it goes when SISA runs on the engine."""
-
-    def step(params, opt_state, xb, yb, wb):
-        loss, g = jax.value_and_grad(lambda p: objective(apply, p, xb, yb, wb, l2))(params)
-        updates, opt_state = opt.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
-
-
-class _Compiled(NamedTuple):
-    step: Any
-    epoch: Any
-
-
-_LEGACY: dict = {}
-
-
-def _compiled(model: Model, cfg: TrainConfig) -> _Compiled:
-    """Legacy single-model step/epoch for ``sisa.train_loop``; goes with the SISA port."""
-    k = (engine.model_key(model), cfg.optimizer, cfg.lr, cfg.l2)
-    if k not in _LEGACY:
-        step = make_step(model.apply, make_optimizer(cfg), cfg.l2)
-
-        def epoch(params, opt_state, x, y, w, idx, msk):
-            def body(carry, b):
-                i, m = b
-                p, s, loss = step(*carry, x[i], y[i], w[i] * m)
-                return (p, s), loss
-
-            (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (idx, msk))
-            return params, opt_state, losses
-
-        _LEGACY[k] = _Compiled(jax.jit(step), jax.jit(epoch))
-    return _LEGACY[k]
+    """The engine's augmentation hook named by ``cfg.augment`` (None for ``none``): a
+    module-level function ``(x, id_hashes32, key, epoch) -> x`` (stable identity, so the
+    engine's compile cache keys on it)."""
+    return {"none": None, "crop_flip": _crop_flip,
+            "crop_flip_reflect": _crop_flip_reflect}[cfg.augment]
 
 
 # ----------------------------------------------------------------------------- fit

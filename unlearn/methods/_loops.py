@@ -68,7 +68,7 @@ def epoch_schedule(hashes: np.ndarray, retain_rows: np.ndarray, forget_rows: np.
     oidx, omsk = _cycled(o, nb, batch_size)
     streams = ((idx, msk), (oidx, omsk)) if driver == "retain" else ((oidx, omsk), (idx, msk))
     progress = (epoch * nb + np.arange(nb)) / max(1, total_epochs * nb)
-    return engine.stack_schedules([streams], batch_size, progress[None])
+    return engine.stack_schedules([streams], batch_size, progress[None], epoch=epoch)
 
 
 def descend(problem: Problem, members: engine.Members, loss: Callable, aux: dict, *,
@@ -100,7 +100,7 @@ def descend(problem: Problem, members: engine.Members, loss: Callable, aux: dict
                                cfg.batch_size, driver)
         members, _ = engine.run(problem.model, members, data, sched, keys=jnp.stack([key]),
                                 aux=aux1, optimizer=cfg.optimizer, dtype=dtype,
-                                strategy=cfg.strategy, loss=loss, grad_mask=gmask, epoch=e)
+                                strategy=cfg.strategy, loss=loss, grad_mask=gmask)
         steps += sched.steps
     engine.check_finite(members, what="unlearning")
     return members, steps

@@ -11,11 +11,24 @@ followed by a second step at :math:`\theta^-` (``steps=2``). Solvers (``unlearn.
   factor at :math:`\theta^*` with every point removed so far (curvature at the anchor, a full
   gradient at the current params). The second step (``steps=2``) uses a fresh dense Hessian
   at :math:`\theta^-`.
-* ``cg`` — matrix-free conjugate gradients on the HVP at the current params.
+* ``cg`` — matrix-free conjugate gradients on the curvature at the current params,
+  preconditioned by default (``precond='nystrom'``): ``prepare`` builds a rank-``rank``
+  randomized Nyström approximation of the full-data curvature at :math:`\theta^*` (one batched
+  call of ``rank`` products; Frangella, Tropp & Udell 2023) and sums the example gradients
+  there, so a request at :math:`\theta^*` costs the removed points' gradients and a handful of
+  preconditioned CG iterations on the exact retained curvature — it converges to the exact
+  Newton step, the preconditioner only changes how fast (``benchmarks/newton.py``).
 * ``lissa`` — the stochastic Neumann series of Agarwal et al. (2017) on the HVP.
 
-Needs a strictly convex objective (``model.convex``, i.e. softmax regression): the Hessian is
-then positive definite and the Newton step approximates retraining to second order.
+Strictly convex models (``model.convex``, softmax regression) use the Hessian, which is then
+positive definite, and the step approximates retraining to second order. **Non-convex
+models** (MLP, CNN, ResNets in eval mode) run with ``solver='cg'`` on the damped
+Gauss–Newton matrix :math:`G + \lambda_d I` (PSD, so CG is well defined; ``curvature='hessian'``
+uses the Hessian and fails loudly at negative curvature) with ``damping > 0`` and a
+Levenberg–Marquardt trust rule (Moré 1978; Martens 2010 §4.1): a step is accepted only if it
+lowers the retained objective; otherwise the damping is multiplied by 10 and the step
+recomputed, up to ``max_retries`` times, after which the params are left unchanged and
+``stats['accepted']`` is False.
 """
 
 from __future__ import annotations
@@ -27,8 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unlearn import curvature as curv
 from unlearn import influence
 from unlearn.methods.base import Unlearner, check_convex, next_weights, params_result
+from unlearn.objective import objective
 from unlearn.train import Fit, Problem, bucket, cast
 
 Params = Any
@@ -44,7 +59,7 @@ class NewtonState(NamedTuple):
     y: jax.Array
     anchor: Params
     anchor_weights: np.ndarray
-    factor: influence.NewtonFactor | None
+    factor: influence.NewtonFactor | influence.NystromCache | None
 
 
 def newton(
@@ -56,11 +71,16 @@ def newton(
     lissa_depth: int = 1000,
     lissa_scale: float | None = None,
     report_residual: bool = True,
+    precond: str | None = "nystrom",
+    rank: int = 100,
+    curvature: str = "auto",
+    max_retries: int = 3,
 ) -> Unlearner:
     r"""Batch Newton removal.
 
     Args:
-      solver: ``exact`` (cached Cholesky + Woodbury), ``cg`` or ``lissa``.
+      solver: ``exact`` (cached eigendecomposition + Woodbury), ``cg`` or ``lissa``;
+        non-convex models need ``cg``.
       steps: 1 (Guo et al.) or 2 (a second Newton step at the first step's result).
       damping: :math:`\lambda_d` added to the Hessian's diagonal.
       tol, maxiter: CG/LiSSA tolerance and CG iteration cap (non-convergence is warned about and
@@ -69,25 +89,54 @@ def newton(
         estimate of the largest eigenvalue).
       report_residual: compute the gradient norm of the retained objective after the update
         (one more gradient) into ``stats["grad_norm"]``.
+      precond: ``'nystrom'`` (CG preconditioned by a rank-``rank`` Nyström approximation
+        cached at prepare) or ``None`` (plain CG, nothing prepared).
+      rank: Nyström rank (``rank`` curvature products at prepare, :math:`O(p\,r)` memory).
+      curvature: ``'hessian'``, ``'ggn'`` or ``'auto'`` (Hessian for convex models, GGN else).
+      max_retries: non-convex trust rule: how many times the damping is raised ×10 when a step
+        does not lower the retained objective.
     """
     if solver not in ("exact", "cg", "lissa"):
         raise ValueError(f"solver={solver!r}: choose 'exact', 'cg' or 'lissa'.")
+    if precond not in ("nystrom", None):
+        raise ValueError(f"precond={precond!r}: choose 'nystrom' or None.")
+    if curvature not in ("auto", "hessian", "ggn"):
+        raise ValueError(f"curvature={curvature!r}: choose 'auto', 'hessian' or 'ggn'.")
+    if rank < 1:
+        raise ValueError(f"rank={rank!r} must be >= 1.")
     if steps not in (1, 2):
         raise ValueError(f"steps={steps!r}: choose 1 or 2.")
     if damping < 0:
         raise ValueError(f"damping={damping!r} must be >= 0.")
 
+    def curvature_fn(problem: Problem):
+        use_ggn = curvature == "ggn" or (curvature == "auto" and not problem.model.convex)
+        return curv.ggn_vp if use_ggn else curv.hvp
+
     def prepare(problem: Problem, trained: Fit) -> NewtonState:
-        check_convex(problem)
+        if not problem.model.convex:
+            if solver != "cg":
+                check_convex(problem, f"newton(solver={solver!r})")
+            if damping <= 0:
+                raise ValueError(
+                    f"newton on the non-convex model {problem.model.name!r} needs damping > 0 "
+                    "(e.g. damping=1e-3): the curvature is only positive semi-definite.")
         dtype = problem.cfg.dtype
         params = cast(trained.params, dtype)
         x = cast(jnp.asarray(problem.train.x), dtype)
         y = jnp.asarray(problem.train.y)
         w = np.ones(len(problem.train), np.float32)
         factor = None
+        wj = jnp.asarray(w, x.dtype)
         if solver == "exact":
-            factor = influence.newton_factor(problem.model.apply, params, x, y,
-                                             jnp.asarray(w, x.dtype), problem.cfg.l2, damping)
+            factor = influence.newton_factor(problem.model.apply, params, x, y, wj,
+                                             problem.cfg.l2, damping)
+        elif solver == "cg" and precond == "nystrom":
+            p = jax.flatten_util.ravel_pytree(params)[0].size
+            factor = influence.nystrom_cache(
+                problem.model.apply, params, x, y, wj, problem.cfg.l2, damping,
+                rank=min(rank, p - 1), key=jax.random.fold_in(problem.key, 7),
+                curvature_fn=curvature_fn(problem))
         return NewtonState(problem, params, w, x, y, params, w, factor)
 
     def forget(state: NewtonState, forget_ids, key):
@@ -111,18 +160,41 @@ def newton(
             grad = influence.downdated_gradient(
                 apply, state.anchor, state.factor.grad_sum, removed_x, state.y[rows], removed_w,
                 jnp.asarray(w.sum(), state.x.dtype), jnp.asarray(l2, state.x.dtype))
+        nystrom = isinstance(state.factor, influence.NystromCache)
+        cg_opts = {}
+        if solver == "cg":
+            cg_opts["curvature_fn"] = curvature_fn(p)
+        convex = p.model.convex
+        lam = damping
+        accepted = True
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            params, res = influence.newton_step(
-                apply, state.params, state.x, state.y, wj, l2, solver=solver,
-                factor=state.factor, removed_x=removed_x, removed_w=removed_w,
-                anchor=state.anchor, grad=grad, **common)
-            results = [res]
-            if steps == 2:
-                params, res2 = influence.newton_step(
-                    apply, params, state.x, state.y, wj, l2,
-                    solver=solver, **common)
-                results.append(res2)
+            for attempt in range(1 if convex else max_retries + 1):
+                common["damping"] = lam
+                retries = attempt
+                if nystrom:
+                    cg_opts["precond"] = state.factor._replace(damping=lam).preconditioner()
+                params, res = influence.newton_step(
+                    apply, state.params, state.x, state.y, wj, l2, solver=solver,
+                    factor=None if nystrom else state.factor, removed_x=removed_x,
+                    removed_w=removed_w, anchor=state.anchor, grad=grad, **common, **cg_opts)
+                results = [res]
+                if steps == 2:
+                    params, res2 = influence.newton_step(
+                        apply, params, state.x, state.y, wj, l2,
+                        solver=solver, **common, **cg_opts)
+                    results.append(res2)
+                if convex:
+                    break
+                # Trust rule (non-convex): accept only a step that lowers the retained loss.
+                before = float(objective(apply, state.params, state.x, state.y, wj, l2))
+                after = float(objective(apply, params, state.x, state.y, wj, l2))
+                accepted = bool(np.isfinite(after) and after <= before)
+                if accepted:
+                    break
+                lam = 10.0 * lam
+            if not accepted:
+                params = state.params
         converged = all(bool(r.converged) for r in results)
         for c in caught:
             warnings.warn(c.message, c.category, stacklevel=2)
@@ -138,6 +210,10 @@ def newton(
             "residual": float(max(float(r.residual) for r in results)),
             "converged": converged,
             "method": results[0].method,
+            "preconditioned": nystrom,
+            "damping": lam,
+            "accepted": accepted,
+            "retries": retries,
         }
         if report_residual:
             g = influence.retained_gradient(apply, params, state.x, state.y, wj, l2)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -461,7 +462,8 @@ def open_dir(root: str | Path, *, writer: bool = False) -> Dir:
         d = _read_dir(root)
         _purge(d)
         return d
-    with _flock(root / READ_LOCK, fcntl.LOCK_SH) if root.is_dir() else _nullctx():
+    _check_root(root)  # before creating any lock file in a directory that is not a model
+    with _flock(root / READ_LOCK, fcntl.LOCK_SH):
         d = _read_dir(root)
         stale = _stale(d)
     if stale:
@@ -474,11 +476,6 @@ def open_dir(root: str | Path, *, writer: bool = False) -> Dir:
             finally:
                 os.close(fd)
     return d
-
-
-@contextmanager
-def _nullctx():
-    yield
 
 
 # ----------------------------------------------------------------------------- data
@@ -525,13 +522,23 @@ def _load_data(d: Dir):
 def _model_and_cfg(d: Dir):
     import jax
 
-    from unlearn import models as models_lib
     from unlearn.sisa.plan import Plan
     from unlearn.train import TrainConfig
 
     c = d.cfg
-    model = models_lib.make(c["model"], c["num_classes"], **c.get("model_kwargs", {}))
+    model = _model(c["model"], c["num_classes"], json.dumps(c.get("model_kwargs", {}),
+                                                            sort_keys=True))
     return model, TrainConfig(**c["train"]), Plan(**c["plan"]), jax.random.key(c["seed"])
+
+
+@functools.lru_cache(maxsize=16)
+def _model(name: str, num_classes: int, kwargs: str):
+    """One model object per static configuration, so the compile caches (keyed on the model's
+    functions) are hit by every directory and command in a process with the same model."""
+    from unlearn import models as models_lib
+
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(kwargs).items()}
+    return models_lib.make(name, num_classes, **kw)
 
 
 def _template(model, cfg, x_shape, shards: int):
@@ -648,18 +655,23 @@ def load(root: str | Path, *, need_train: bool = True):
     ``state.data`` holds every trained id in layout order (a forgotten example whose file was
     deleted is a zero row, never trained on: ``alive`` is False). A retained example whose file
     is missing is an error unless ``need_train=False`` (prediction)."""
-    st, v, test, _ = _state(open_dir(root), need_train)
-    return st, v, test
+    st, d, test, _ = _state(open_dir(root), need_train)
+    return st, d.version, test
 
 
 def _state(d: Dir, need_train: bool):
-    """``(state, version, test set, present)``; ``present`` marks layout ids on disk."""
+    """``(state, dir, test set, present)``; ``present`` marks layout ids on disk. The version
+    is re-read and its checkpoints loaded under one shared read lock, so a purge by a writer
+    that committed meanwhile cannot delete them half-way: the state is one committed version."""
     from unlearn.data import stable_hash
     from unlearn.sisa.plan import Layout
     from unlearn.sisa.train import SisaState, resolve_strategy
 
     model, tc, plan, key = _model_and_cfg(d)
-    tr, present, test = _load_data(d)
+    tr, present, test = _load_data(d)  # depends on the layout only, which never changes
+    with _flock(d.root / READ_LOCK, fcntl.LOCK_SH):
+        d = _read_dir(d.root)
+        ckpts = _load_ckpts(d, model, tc, tr.x.shape[1:])
     alive = ~np.isin(d.ids, list(d.forgotten()))
     missing = d.ids[alive & ~present]
     if need_train and len(missing):
@@ -667,11 +679,9 @@ def _state(d: Dir, need_train: bool):
                             "are no longer in the data but were never forgotten: restore those "
                             "files, or forget them with `forget --ids ...`.")
     layout = Layout(d.ids, d.shard, d.slice, stable_hash(d.ids))
-    with _flock(d.root / READ_LOCK, fcntl.LOCK_SH):
-        ckpts = _load_ckpts(d, model, tc, tr.x.shape[1:])
     st = SisaState(model, tc, plan, key, tr, layout, alive, ckpts,
                    resolve_strategy(model, "auto"))
-    return st, d.version, test, present
+    return st, d, test, present
 
 
 def resolve_ids(ds_or_ids, names: Sequence[str], *, test_ids: Sequence[str] = (),
@@ -759,7 +769,8 @@ def forget_persistent(root: str | Path, names: Sequence[str], *,
             return {"noop": True, "version": d.version, "not_trained_on": notes,
                     "already_forgotten": {i: f"already forgotten by request {n}"
                                           for i, n in already.items()}}
-        state, version, _, present = _state(d, need_train=False)
+        state, d, _, present = _state(d, need_train=False)
+        version = d.version
         missing = np.setdiff1d(state.data.ids[state.alive & ~present], todo)
         if len(missing):
             raise ModelDirError(f"retained examples {missing[:10].tolist()} ({len(missing)} in "
@@ -799,8 +810,8 @@ def verify(root: str | Path) -> dict:
 
     from unlearn.sisa.train import _data_arrays, _init_stack, _run_stages
 
-    d = open_dir(root)
-    state, version, _, present = _state(d, need_train=False)
+    state, d, _, present = _state(open_dir(root), need_train=False)
+    version = d.version
     lay = state.layout
     missing = state.data.ids[state.alive & ~present]
     gone = state.data.ids[~state.alive]

@@ -1,19 +1,29 @@
-"""SISA training, exact forgetting and prediction (Bourtoule et al. 2021).
+"""SISA training, exact forgetting and prediction (Bourtoule et al. 2021), on the engine.
 
-See the package docstring (:mod:`unlearn.sisa`) for incremental training, exactness and the
-execution strategies (``vmap`` / ``unroll``, device mesh).
+See the package docstring (:mod:`unlearn.sisa`) for incremental training and exactness. The
+S shard models are the members of one :mod:`unlearn.engine` ensemble: every stage of every
+shard is a call of the engine's jitted epoch with per-shard schedules (a shard with fewer
+batches, or not retrained by a request, takes no-op steps). The engine's strategy is chosen
+by model and backend (``scan`` for dense models, ``loop`` — the shard axis unrolled inside
+one jitted step — for convolutions on CPU, ``vmap`` on GPU); SISA's historical name
+``unroll`` means ``loop``. A ``jax.sharding.Mesh`` lays the shard axis on devices.
+
+Checkpoints are ``(variables, opt_state)`` stacked (R+1, S): ``variables`` carries the
+parameters and the model state (BatchNorm statistics), so the exactness check covers both.
+Randomness (dropout, augmentation) is keyed on the shard's key, the (stage, epoch) tag and the
+batch number within the shard's epoch: retraining a shard replays it exactly.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unlearn import engine
 from unlearn.data import Dataset, stable_hash
 from unlearn.models import Model
 from unlearn.sisa.plan import (
@@ -25,16 +35,7 @@ from unlearn.sisa.plan import (
     make_layout,
     slice_epochs,
 )
-from unlearn.train import (
-    TrainConfig,
-    batch_indices,
-    bucket,
-    cast,
-    epoch_order,
-    key_seed,
-    make_optimizer,
-    make_step,
-)
+from unlearn.train import TrainConfig, augmentation, bucket, cast, key_seed
 
 Params = Any
 
@@ -72,16 +73,8 @@ class SisaState(NamedTuple):
 
 
 def resolve_strategy(model: Model, strategy: str = "auto") -> str:
-    """``vmap`` or ``unroll`` (see the module docstring); ``auto`` picks by model and backend."""
-    if strategy in ("vmap", "unroll"):
-        return strategy
-    if strategy != "auto":
-        raise ValueError(f"strategy={strategy!r}: choose 'auto', 'vmap' or 'unroll'.")
-    return "unroll" if (model.has_conv and jax.default_backend() == "cpu") else "vmap"
-
-
-def _stack(trees: Sequence[Any]) -> Any:
-    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+    """The engine strategy (:func:`unlearn.engine.resolve_strategy`); ``unroll`` = ``loop``."""
+    return engine.resolve_strategy(model, "loop" if strategy == "unroll" else strategy)
 
 
 def _take(tree: Any, idx) -> Any:
@@ -93,95 +86,34 @@ def _host(tree: Any) -> Any:
     return jax.tree.map(lambda a: np.array(a), tree)
 
 
+def _shard_keys(key, shards: int) -> jax.Array:
+    return jnp.stack([jax.random.fold_in(key, _SALT_INIT + s) for s in range(shards)])
+
+
 def _init_stack(model: Model, ds: Dataset, cfg: TrainConfig, key, shards: int):
-    """Initial params and optimiser state of every shard, stacked; shard s is initialised as
+    """Initial ``(variables, opt_state)`` of every shard, stacked; shard s is initialised as
     ``train.init_params(model, ds, fold_in(key, 7919 + s))`` (one jitted, vmapped init)."""
-    opt = make_optimizer(cfg)
-    keys = jnp.stack([jax.random.fold_in(key, _SALT_INIT + s) for s in range(shards)])
-    k = ("init", model.init, cfg.optimizer, cfg.lr, cfg.dtype)
-    if k not in _CACHE:
-        def one(kk, x1):
-            p = cast(model.init(jax.random.fold_in(kk, 0), x1), cfg.dtype)
-            return p, opt.init(p)
-
-        _CACHE[k] = jax.jit(jax.vmap(one, in_axes=(0, None)))
-    return _CACHE[k](keys, cast(jnp.asarray(ds.x[:1]), cfg.dtype))
+    v = engine.init_variables(model, cast(jnp.asarray(ds.x[:1]), cfg.dtype),
+                              _shard_keys(key, shards), cfg.dtype)
+    return v, engine.init_members(v, cfg.optimizer, cfg.lr).opt_state
 
 
-# ----------------------------------------------------------------------------- compiled steps
-
-_CACHE: dict = {}
-
-
-def _masked_step(apply, cfg: TrainConfig):
-    step = make_step(apply, make_optimizer(cfg), cfg.l2)
-
-    def f(params, opt_state, xb, yb, wb, active):
-        new_p, new_s, loss = step(params, opt_state, xb, yb, wb)
-        keep = lambda n, o: jnp.where(active, n, o)  # a no-op step leaves everything as it was
-        return jax.tree.map(keep, new_p, params), jax.tree.map(keep, new_s, opt_state), loss
-
-    return f
-
-
-def _compiled(model: Model, cfg: TrainConfig, strategy: str):
-    k = (model.apply, cfg.optimizer, cfg.lr, cfg.l2, strategy)
-    if k in _CACHE:
-        return _CACHE[k]
-    mstep = _masked_step(model.apply, cfg)
-    if strategy == "vmap":
-        vstep = jax.vmap(mstep)
-
-        def epoch(params, opt_state, x, y, idx, msk, active):
-            def body(carry, b):
-                i, m, a = b
-                p, s, loss = vstep(*carry, x[i], y[i], m.astype(x.dtype), a)
-                return (p, s), loss
-
-            (params, opt_state), losses = jax.lax.scan(body, (params, opt_state),
-                                                       (idx, msk, active))
-            return params, opt_state, losses
-
-        fn = jax.jit(epoch)
-    else:
-
-        def step(params, opt_state, x, y, idx, msk, active):
-            outs = []
-            for s in range(idx.shape[0]):  # unrolled at trace time: S independent programs
-                p, o = _take(params, s), _take(opt_state, s)
-                outs.append(mstep(p, o, x[idx[s]], y[idx[s]], msk[s].astype(x.dtype),
-                                  active[s]))
-            return _stack([a for a, _, _ in outs]), _stack([b for _, b, _ in outs]), \
-                jnp.stack([c for _, _, c in outs])
-
-        fn = jax.jit(step)
-    _CACHE[k] = fn
-    return fn
-
-
-def _predict_fn(model: Model, strategy: str):
-    k = ("predict", model.apply, strategy)
-    if k not in _CACHE:
-        if strategy == "vmap":
-            f = jax.vmap(model.apply, in_axes=(0, None))
-        else:
-            def f(params, x):
-                n = jax.tree.leaves(params)[0].shape[0]
-                return jnp.stack([model.apply(_take(params, s), x) for s in range(n)])
-        _CACHE[k] = jax.jit(f)
-    return _CACHE[k]
+def _members(work) -> engine.Members:
+    v, o = work
+    params, state = engine.split_variables(v)
+    return engine.Members(params, o, state)
 
 
 # ----------------------------------------------------------------------------- schedule
 
+EPOCH_TAG = 1 << 16  # the engine's epoch tag of epoch j of stage r is r·2¹⁶ + j
+
 
 def _stage_schedule(state_parts, shards: np.ndarray, active_shard: np.ndarray, stage: int,
-                    epochs: int, batch_size: int):
-    """Batches of every epoch of ``stage`` for the given shards, padded to a common length.
-
-    Returns per epoch ``(idx (T, k, B), msk (T, k, B), active (T, k))``; a shard that is not
-    active in this stage, or has no data in it, gets only no-op steps.
-    """
+                    epochs: int, batch_size: int) -> engine.Schedule | None:
+    """The engine schedule of every epoch of ``stage`` for the given shards (members), each
+    epoch padded to its longest shard; a shard that is not active in this stage, or has no
+    data in it, gets only no-op steps. None when no shard has anything to do."""
     hashes, seed, shard_of, slice_of, alive = state_parts
     out = []
     for j in range(epochs):
@@ -191,40 +123,11 @@ def _stage_schedule(state_parts, shards: np.ndarray, active_shard: np.ndarray, s
             if not act or len(present) == 0:
                 per.append(None)
                 continue
-            order = epoch_order(hashes[present], seed, j, s, stage)
-            per.append(batch_indices(present, order, batch_size))
-        nb = max([len(p[0]) for p in per if p is not None], default=0)
-        if nb == 0:
-            continue
-        k = len(shards)
-        idx = np.zeros((nb, k, batch_size), np.int32)
-        msk = np.zeros((nb, k, batch_size), np.float32)
-        act = np.zeros((nb, k), bool)
-        for c, p in enumerate(per):
-            if p is None:
-                continue
-            idx[: len(p[0]), c], msk[: len(p[0]), c] = p
-            act[: len(p[0]), c] = True
-        out.append((idx, msk, act))
-    return out
-
-
-def _place(tree, mesh, axis: int = 0):
-    """Put the shard axis (``axis``) of every leaf on the mesh's first axis."""
-    if mesh is None:
-        return tree
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    mesh = Mesh(mesh.devices, mesh.axis_names)  # automatic (GSPMD) axes, whatever was passed
-    name = mesh.axis_names[0]
-
-    def put(a):
-        spec = [None] * np.ndim(a)
-        spec[axis] = name
-        return jax.device_put(a, NamedSharding(mesh, P(*spec)))
-
-    return jax.tree.map(put, tree)
+            per.append((engine.member_batches(present, hashes[present], seed, j, batch_size,
+                                              s, stage),))
+        if any(p is not None for p in per):
+            out.append(engine.stack_schedules(per, batch_size, epoch=stage * EPOCH_TAG + j))
+    return engine.concat_schedules(out) if out else None
 
 
 CHUNK = 16  # steps per compiled scan call; a stage's steps are padded with no-ops to a multiple
@@ -233,10 +136,10 @@ CHUNK = 16  # steps per compiled scan call; a stage's steps are padded with no-o
 def _run_stages(state: SisaState, shards: np.ndarray, start: np.ndarray, x, y):
     """Retrain ``shards`` from stage ``start[i]`` on (0-based); returns the new checkpoints.
 
-    Shards are batched through one compiled step. The batch is padded with dummy slots (never
-    active, never written back) to a power of two, and with a mesh to a multiple of the device
-    count, so a handful of programs serve every request; a stage's steps are padded with no-op
-    steps to a multiple of ``CHUNK`` for the same reason.
+    Shards are the members of one engine call per stage. The member axis is padded with dummy
+    slots (never active, never written back) to a power of two, and with a mesh to a multiple
+    of the device count, so a handful of programs serve every request; a stage's steps are
+    padded with no-op steps to a multiple of ``CHUNK`` for the same reason (``scan``).
     """
     model, cfg, plan = state.model, state.cfg, state.plan
     R = plan.slices
@@ -250,33 +153,28 @@ def _run_stages(state: SisaState, shards: np.ndarray, start: np.ndarray, x, y):
     lay = state.layout
     pos = lay.positions(state.data.ids)
     parts = (lay.hashes[pos], key_seed(state.key), lay.shard[pos], lay.slice[pos], state.alive)
-    fn = _compiled(model, cfg, state.strategy)
+    data = engine.Data(x, y, engine.hash32(lay.hashes[pos]))
+    keys = _shard_keys(state.key, plan.shards)[shards]
+    aux = {"l2": jnp.full((k,), cfg.l2, x.dtype)}
+    run = dict(keys=keys, aux=aux, optimizer=cfg.optimizer, dtype=cfg.dtype,
+               strategy=state.strategy, augment=augmentation(cfg), mesh=state.mesh)
     ckpts = _host(state.ckpts)  # a copy: the input state is never mutated
     r0 = int(start.min())
-    work = _place(_take(_at_stage(ckpts, r0), shards), state.mesh)
+    work = engine.place(_take(_at_stage(ckpts, r0), shards), state.mesh)
     e_r = slice_epochs(cfg.epochs, R)
     steps = 0
     for r in range(r0, R):
         if r > r0 and (start == r).any():  # shards whose retraining begins here load ckpt r
-            work = _place(_select(start == r, _take(_at_stage(ckpts, r), shards), work),
-                          state.mesh)
+            work = engine.place(_select(start == r, _take(_at_stage(ckpts, r), shards), work),
+                                state.mesh)
         sched = _stage_schedule(parts, shards, start <= r, r, e_r[r], cfg.batch_size)
-        if sched:
-            idx, msk, act = (np.concatenate(a) for a in zip(*sched, strict=True))
-            steps += int(act.sum())
-            if state.strategy == "vmap":
-                pad = (-len(idx)) % CHUNK
-                idx, msk, act = (np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)])
-                                 for a in (idx, msk, act))
-                for c in range(0, len(idx), CHUNK):
-                    chunk = (_place(a[c: c + CHUNK], state.mesh, axis=1)
-                             for a in (idx, msk, act))
-                    p, o, _ = fn(*work, x, y, *chunk)
-                    work = (p, o)
-            else:
-                for t in range(len(idx)):
-                    p, o, _ = fn(*work, x, y, idx[t], msk[t], act[t])
-                    work = (p, o)
+        if sched is not None:
+            steps += int(sched.active.sum())
+            mem = _members(work)
+            chunk = CHUNK if state.strategy == "scan" else sched.steps
+            for c in range(0, sched.steps, chunk):
+                mem, _ = engine.run(model, mem, data, sched.steps_slice(c, c + chunk), **run)
+            work = (mem.variables(), mem.opt_state)
         upd = np.nonzero(start[:real] <= r)[0]
         if len(upd):
             ckpts = _write_ckpt(ckpts, r + 1, shards[upd], _take(_host(work), upd))
@@ -405,7 +303,7 @@ def forget(state: SisaState, forget_ids) -> tuple[SisaState, dict]:
 def shard_logits(state: SisaState, x) -> jax.Array:
     """Logits of every shard model, shape (S, n, K)."""
     x = cast(jnp.asarray(x), state.cfg.dtype)
-    return _predict_fn(state.model, state.strategy)(state.params, x)
+    return engine.stacked_apply(state.model, state.params, x, state.strategy)
 
 
 def aggregate(logits: jax.Array, weights: jax.Array, how: str = "mean_prob") -> jax.Array:
@@ -436,40 +334,33 @@ def predict(state: SisaState, x, how: str = "mean_prob") -> jax.Array:
 
 def train_loop(model: Model, ds: Dataset, cfg: TrainConfig, plan: Plan, key: jax.Array, *,
                weights: np.ndarray | None = None, layout: Layout | None = None) -> Params:
-    """Reference: a Python loop over shards, each trained alone with ``train.py``'s compiled
-    single-model step (same data order, no padding). Returns the final params stacked (S, ...).
-    Used to check the batched path and as the benchmark's loop baseline."""
-    from unlearn.train import _compiled as single_compiled
-    from unlearn.train import use_scan
-
+    """Reference: a Python loop over shards, each trained alone as a one-member engine call
+    per epoch (same data order, no padding, no other shard in the program). Returns the final
+    variables stacked (S, ...). Used to check the batched path and as the benchmark's loop
+    baseline."""
     layout = make_layout(plan, ds, key) if layout is None else layout
     alive = np.ones(len(ds), bool) if weights is None else np.asarray(weights) > 0
     shard_of, slice_of = layout.lookup(ds.ids)
     hashes, seed = stable_hash(ds.ids), key_seed(key)
-    comp = single_compiled(model, cfg)
-    scan = use_scan(model, "auto")
-    x = cast(jnp.asarray(ds.x), cfg.dtype)
-    y = jnp.asarray(ds.y)
-    w = jnp.ones(len(ds), x.dtype)
+    data = engine.device_data(ds.x, ds.y, hashes, cfg.dtype)
     e_r = slice_epochs(cfg.epochs, plan.slices)
-    p0, _ = _init_stack(model, ds, cfg, key, plan.shards)
+    v0, o0 = _init_stack(model, ds, cfg, key, plan.shards)
+    keys = _shard_keys(key, plan.shards)
     out = []
     for s in range(plan.shards):
-        params = _take(p0, s)
-        opt_state = make_optimizer(cfg).init(params)
+        mem = _members((_take(v0, slice(s, s + 1)), _take(o0, slice(s, s + 1))))
         for r in range(plan.slices):
             present = np.nonzero((shard_of == s) & (slice_of <= r) & alive)[0]
             if len(present) == 0:
                 continue
             for j in range(e_r[r]):
-                idx, msk = batch_indices(present, epoch_order(hashes[present], seed, j, s, r),
-                                         cfg.batch_size)
-                if scan:
-                    params, opt_state, _ = comp.epoch(params, opt_state, x, y, w, idx, msk)
-                else:
-                    for i, m in zip(idx, msk, strict=True):
-                        params, opt_state, _ = comp.step(params, opt_state, x[i], y[i],
-                                                         w[i] * m)
-        out.append(params)
-    return _stack(out)
-
+                b = engine.member_batches(present, hashes[present], seed, j, cfg.batch_size,
+                                          s, r)
+                sched = engine.stack_schedules([(b,)], cfg.batch_size,
+                                               epoch=r * EPOCH_TAG + j)
+                mem, _ = engine.run(model, mem, data, sched, keys=keys[s: s + 1],
+                                    aux={"l2": jnp.full((1,), cfg.l2, data.x.dtype)},
+                                    optimizer=cfg.optimizer, dtype=cfg.dtype,
+                                    strategy=cfg.strategy, augment=augmentation(cfg))
+        out.append(engine.unstack(mem.variables(), 0))
+    return engine.stack(out)
