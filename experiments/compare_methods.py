@@ -18,8 +18,9 @@ defaults (``<name> (default)``) so the table shows Avg. Gap before and after tun
 Metrics (``unlearn.evaluate``): UA, RA, TA, MIA-efficacy (the SVC attack of Song & Mittal as
 in Jia et al.), Avg. Gap to retrain over those four, RTE (seconds); plus the MIA-efficacy an
 exact unlearner should get (``MIA-expected``: the attack's non-member rate on held-out test
-examples) and the loss-threshold MIA AUC. Hyperparameters: the values chosen by the tuning
-protocol (``unlearn.evaluate.tune``: a small grid per method on a validation forget set
+examples), the loss-threshold MIA AUC and the relearn time (Adam steps on the forget set
+until its accuracy is back to the original model's). Hyperparameters: the values chosen by
+the tuning protocol (``unlearn.evaluate.tune``: a small grid per method on a validation forget set
 disjoint from the reported one, chosen by Avg. Gap), cached in ``unlearn/tuned_hparams.json``.
 Output: a Markdown table (mean ± std over seeds; JSON ``table``), the tuning grids
 (JSON ``tuning``), and a figure with one panel per setting: Avg. Gap vs RTE per method, the
@@ -153,7 +154,8 @@ def _run_setting(st: dict, forgets, methods, tune: bool, cache: dict, tuning: di
                        if n in chosen})
             ms["original"] = ev.do_nothing()
             res = ev.evaluate(problem, split, ids, ms, jax.random.key(seed + 1000),
-                              trained=trained, extras=[ev.mia_extra, mia_expected_extra],
+                              trained=trained,
+                              extras=[ev.mia_extra, mia_expected_extra, ev.relearn_extra],
                               hparams=None)
             slot = per_forget.setdefault(label, {"setting": label, "per_seed": [],
                                                  "skipped": skipped, "wall_s": 0.0,

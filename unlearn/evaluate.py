@@ -297,6 +297,21 @@ def mia_extra(*, result: Result, problem: Problem, split: Split, forget_ids, **_
             "mia_kit_acc": kit["accuracy"]}
 
 
+def relearn_extra(*, result: Result, problem: Problem, forget_ids, trained: Fit, **_) -> dict:
+    """``extras=`` hook: relearn time (:func:`unlearn.metrics.relearn_time`) — Adam steps at the
+    training learning rate on the forget set until its accuracy is back to θ*'s; needs params
+    (NaN for methods without a single parameter vector, e.g. SISA)."""
+    if result.params is None:
+        return {"relearn_steps": float("nan")}
+    tr = problem.train
+    forget = tr.subset(tr.positions(forget_ids))
+    apply = problem.model.apply
+    target = metrics.accuracy(np.asarray(apply(trained.params, forget.x)), forget.y)
+    steps = metrics.relearn_time(apply, result.params, forget, target, lr=problem.cfg.lr,
+                                 batch_size=problem.cfg.batch_size)
+    return {"relearn_steps": float(steps)}
+
+
 def mean_std_over_seeds(per_seed: Sequence[dict]) -> dict[str, dict]:
     """Per method, ``{metric: {"mean", "std", "n"}}`` over the seeds where it did not fail;
     a method that failed on every seed maps to ``{"failed": reason}``; ``failed_seeds`` counts

@@ -183,10 +183,19 @@ def klom(unlearned_margins: np.ndarray, oracle_margins: np.ndarray) -> np.ndarra
 
 @functools.cache
 def _relearn_step(apply: Callable, optimizer: str, lr: float):
-    from unlearn.train import TrainConfig, make_optimizer, make_step
+    import optax
 
-    opt = make_optimizer(TrainConfig(optimizer=optimizer, lr=lr))
-    return jax.jit(make_step(apply, opt, 0.0)), opt
+    from unlearn.engine import make_optimizer
+    from unlearn.objective import objective
+
+    opt = make_optimizer(optimizer, lr)
+
+    def step(params, state, x, y, w):
+        g = jax.grad(lambda p: objective(apply, p, x, y, w, 0.0))(params)
+        updates, state = opt.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step), opt
 
 
 def relearn_time(apply: Callable, params: Any, forget: Dataset, target_acc: float, *,
@@ -209,7 +218,7 @@ def relearn_time(apply: Callable, params: Any, forget: Dataset, target_acc: floa
     n = len(forget)
     for s in range(1, max_steps + 1):
         i = np.arange((s - 1) * batch_size, s * batch_size) % n
-        params, state, _ = step(params, state, x[i], y[i], jnp.ones(len(i), x.dtype))
+        params, state = step(params, state, x[i], y[i], jnp.ones(len(i), x.dtype))
         if acc(params) >= target_acc:
             return s
     return max_steps + 1
