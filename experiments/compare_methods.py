@@ -231,6 +231,7 @@ def plot(payload: dict, outdir) -> list:
         fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 4.2 * nrow), squeeze=False)
         for ax, r in zip(axes.flat, panels, strict=False):
             s = r["summary"]
+            pts = []
             for name, row in s.items():
                 if "failed" in row or name.endswith("(default)"):
                     continue
@@ -243,9 +244,9 @@ def plot(payload: dict, outdir) -> list:
                     ax.scatter([xd], [yd], facecolors="none", edgecolors=st["color"],
                                marker=st["marker"], s=30, zorder=2)
                 ax.scatter([x], [y], color=st["color"], marker=st["marker"], s=40, zorder=3)
-                ax.annotate(name, (x, y), xytext=(4, 3), textcoords="offset points",
-                            fontsize=7, color=st["color"])
+                pts.append((name, x, y, st["color"]))
             ax.set_xscale("log")
+            _direct_labels(ax, pts)
             ax.set_title(f"{r['setting']} (|U| = {r['forget_count']})", fontsize=9)
             ax.set_xlabel("RTE: unlearning wall time (s, log)")
             ax.set_ylabel("Avg. Gap to retrain (pp, lower is better)")
@@ -254,6 +255,27 @@ def plot(payload: dict, outdir) -> list:
         fig.suptitle("Tuned unlearning methods vs retraining (hollow: constructor defaults)")
         fig.tight_layout()
         return plotting.savefig(fig, f"{outdir}/{NAME}.png")
+
+
+def _direct_labels(ax, pts: list) -> None:
+    """Label each point with its method name, labels pushed apart vertically (in axes
+    fractions) so that close points stay readable; a thin line joins a moved label to its
+    point."""
+    ax.figure.canvas.draw()
+    to_axes = ax.transAxes.inverted()
+    placed: list[tuple[float, float]] = []
+    for name, x, y, color in sorted(pts, key=lambda p: p[2]):
+        fx, fy = to_axes.transform(ax.transData.transform((x, y)))
+        ly = fy + 0.02
+        for px, py in sorted(placed, key=lambda p: p[1]):
+            if abs(px - fx) < 0.22 and abs(py - ly) < 0.05:
+                ly = py + 0.05
+        placed.append((fx, ly))
+        moved = abs(ly - fy) > 0.04
+        ax.annotate(name, (x, y), xytext=(fx + 0.02, ly), textcoords="axes fraction",
+                    fontsize=7, color=color, va="center",
+                    arrowprops=dict(arrowstyle="-", color=color, lw=0.5, alpha=0.6)
+                    if moved else None)
 
 
 if __name__ == "__main__":
