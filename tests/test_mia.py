@@ -310,6 +310,9 @@ def test_forgetting_score_retrain_beats_nothing_fast(overfit):
     s_r = mia.forgetting_score(problem, split, ids, methods.get("retrain"), **kw)
     s_n = mia.forgetting_score(problem, split, ids, nothing(), **kw)
     assert s_r["score"] > s_n["score"] + 0.1, (s_r["score"], s_n["score"])
+    # Doing nothing = N identical models: the reference's small-spread rule gives every forget
+    # example ε = 50 → 0 points.
+    assert s_n["forget_quality"] == 0.0 and set(s_n["epsilons"]) == {mia.EPSILON_CAP}
     assert s_r["retain_ratio"] > 0.95 and s_r["test_ratio"] > 0.95
 
 

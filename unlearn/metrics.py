@@ -11,7 +11,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.flatten_util import ravel_pytree
 
 from unlearn.data import Dataset
@@ -184,17 +183,17 @@ def klom(unlearned_margins: np.ndarray, oracle_margins: np.ndarray) -> np.ndarra
 
 @functools.cache
 def _relearn_step(apply: Callable, optimizer: str, lr: float):
-    """One jitted optimiser step of plain cross-entropy on a batch (a relearning probe, not a
-    trainer: it stops as soon as the accuracy is back, which the engine's epochs cannot)."""
+    import optax
+
     from unlearn.engine import make_optimizer
     from unlearn.objective import objective
 
     opt = make_optimizer(optimizer, lr)
 
     def step(params, state, x, y, w):
-        loss, g = jax.value_and_grad(lambda p: objective(apply, p, x, y, w, 0.0))(params)
+        g = jax.grad(lambda p: objective(apply, p, x, y, w, 0.0))(params)
         updates, state = opt.update(g, state, params)
-        return optax.apply_updates(params, updates), state, loss
+        return optax.apply_updates(params, updates), state
 
     return jax.jit(step), opt
 
@@ -219,7 +218,7 @@ def relearn_time(apply: Callable, params: Any, forget: Dataset, target_acc: floa
     n = len(forget)
     for s in range(1, max_steps + 1):
         i = np.arange((s - 1) * batch_size, s * batch_size) % n
-        params, state, _ = step(params, state, x[i], y[i], jnp.ones(len(i), x.dtype))
+        params, state = step(params, state, x[i], y[i], jnp.ones(len(i), x.dtype))
         if acc(params) >= target_acc:
             return s
     return max_steps + 1

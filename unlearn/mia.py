@@ -142,7 +142,8 @@ def mia_features(probs: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
 
 def mia_efficacy(logits_shadow_in: np.ndarray, y_shadow_in: np.ndarray,
                  logits_shadow_out: np.ndarray, y_shadow_out: np.ndarray,
-                 logits_forget: np.ndarray, y_forget: np.ndarray) -> dict[str, float]:
+                 logits_forget: np.ndarray, y_forget: np.ndarray, *,
+                 features: Sequence[str] = MIA_FEATURES) -> dict[str, float]:
     """MIA-efficacy (Jia et al. 2023, Sec. 5.1 and App. C.3; Song & Mittal 2021's SVC attack).
 
     Shadow-free: for each feature of :func:`mia_features`, a scikit-learn
@@ -152,7 +153,7 @@ def mia_efficacy(logits_shadow_in: np.ndarray, y_shadow_in: np.ndarray,
     forget examples predicted *non-member* (higher = more forgotten; retraining gives roughly
     the rate at which the attack calls unseen examples non-members). The headline value
     ``"MIA-efficacy"`` is the confidence feature's, as reported by Jia et al. and Fan et al.
-    (SalUn); all five are returned as ``"MIA-<feature>"``.
+    (SalUn); each of ``features`` (default all five) is returned as ``"MIA-<feature>"``.
 
     Difference from the l1-sparse code (OPTML-Group/Unlearn-Sparse, evaluation/SVC_MIA.py): its
     ``m_entropy`` indexes whole columns (``p[:, labels]``) and takes log p for log(1 − p);
@@ -166,8 +167,11 @@ def mia_efficacy(logits_shadow_in: np.ndarray, y_shadow_in: np.ndarray,
     fi = mia_features(softmax(logits_shadow_in), y_shadow_in)
     fo = mia_features(softmax(logits_shadow_out), y_shadow_out)
     ff = mia_features(softmax(logits_forget), y_forget)
+    if MIA_HEADLINE not in features or not set(features) <= set(MIA_FEATURES):
+        raise ValueError(f"features={features}: a subset of {MIA_FEATURES} including "
+                         f"{MIA_HEADLINE!r}.")
     out = {}
-    for name in MIA_FEATURES:
+    for name in features:
         x = np.concatenate([fi[name], fo[name]])
         lab = np.r_[np.ones(len(fi[name])), np.zeros(len(fo[name]))]
         clf = SVC(C=3, gamma="auto", kernel="rbf").fit(x, lab)
@@ -199,7 +203,8 @@ def mia_efficacy_expected(logits_fn, retain: Dataset, test: Dataset, *,
     zs, zt = predict_logits(logits_fn, shadow.x), predict_logits(logits_fn, test.x)
     rates = []
     for a, b in (halves, halves[::-1]):
-        r = mia_efficacy(zs, shadow.y, zt[a], test.y[a], zt[b], test.y[b])
+        r = mia_efficacy(zs, shadow.y, zt[a], test.y[a], zt[b], test.y[b],
+                         features=(MIA_HEADLINE,))
         rates.append((r["MIA-efficacy"], len(b)))
     return float(sum(v * n for v, n in rates) / sum(n for _, n in rates))
 
@@ -523,7 +528,8 @@ def forgetting_score(problem: Problem, split: Split, forget_ids, method: Unlearn
 
     ``retrained_logits`` (forget, retain, test logits of the retrained ensemble, each (N, ·, K))
     lets several methods share one retrained ensemble. The result also holds ``"retrained_logits"``
-    for that purpose, and the wall times of both ensembles.
+    for that purpose, the wall times of both ensembles, and KLOM (Rinberg et al. 2024) of the
+    same two ensembles per forget example (``"klom"``; mean and 95th percentile).
     """
     from unlearn.train import train as train_full
 
@@ -554,6 +560,11 @@ def forgetting_score(problem: Problem, split: Split, forget_ids, method: Unlearn
                              retain_acc_r=_per_model_acc(zr[1], retain.y),
                              test_acc_u=_per_model_acc(zu[2], split.test.y),
                              test_acc_r=_per_model_acc(zr[2], split.test.y))
+    from unlearn.metrics import klom, margins
+
+    k = klom(margins(zu[0], forget.y), margins(zr[0], forget.y))
+    out.update({"klom": k.tolist(), "klom_mean": float(np.mean(k)),
+                "klom_p95": float(np.percentile(k, 95))})
     out.update({"retrained_logits": zr, "retrain_time": t_retrain, "unlearn_time": t_unlearn,
                 "score_time": time.perf_counter() - t0, "method": method.name})
     return out
