@@ -269,9 +269,9 @@ def test_lanczos_topk_matches_eigh():
 
 def test_lineax_cg_from_zero():
     """The JAX 0.10.2 zero-tangent check against lineax (pinned): its CG, started from the
-    default and from ``0 * b``, on the softmax HVP at n = 6500 (where DESIGN.md reports the
-    NaN), inside jit with the operator closed over the data, agrees with the dense solve and
-    with our CG. The measurement behind keeping our own CG is in solvers' docstring."""
+    default and from ``0 * b``, on the softmax HVP at n = 6500 (where docs/architecture.md
+    reports the NaN), inside jit with the operator closed over the data, agrees with the dense
+    solve and with our CG. The measurement behind keeping our own CG is in solvers' docstring."""
     lx = pytest.importorskip("lineax")
     apply, params, x, y, w, l2 = _softmax_problem(6500, 20, 5, 1e-3)
     h = C.softmax_regression_hessian(params, x, w, l2)

@@ -690,7 +690,7 @@ def influence_scores(apply: Apply, params: Params, x: Array, y: Array, s: Array,
     ``m`` directions (a batched forward pass). Memory :math:`O(m\cdot\text{chunk} +
     \text{chunk activations})`, never :math:`O(np)`. Chunks run as a Python loop of one
     compiled function (the last chunk padded), since convolutions inside an XLA loop are
-    slow on CPU (DESIGN.md).
+    slow on CPU (docs/architecture.md).
     """
     n = x.shape[0]
     chunk = int(min(chunk_size, n))

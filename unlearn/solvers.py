@@ -18,8 +18,8 @@ each solver, lineax-style: ``linear_solve(a, b, CG(tol=1e-8, precond=...), dampi
   operator application (many test points, or many removal requests, in one solve).
   It never applies the operator to a compile-time zero: with JAX 0.10.2 on CPU an HVP whose
   tangent is a constant zero inside ``jit`` returns NaN for softmax regression at
-  n >= 6000 (DESIGN.md; not reproduced with this jaxlib build, see below), so starting from
-  ``x0 = 0`` we take ``r0 = b`` and the iterate is ``0 * b`` (a runtime value).
+  n >= 6000 (docs/architecture.md; not reproduced with this jaxlib build, see below), so
+  starting from ``x0 = 0`` we take ``r0 = b`` and the iterate is ``0 * b`` (a runtime value).
 * :func:`nystrom` / :func:`nystrom_preconditioner` — the randomized Nyström approximation
   :math:`A \approx U\hat\Lambda U^\top` from ``rank`` operator products (one batched call) and
   the preconditioner of Frangella, Tropp & Udell (2023, eq. (5.3)),
