@@ -173,7 +173,9 @@ def concurrency(tmp: Path, trials: int) -> dict:
 def purge(tmp: Path) -> dict:
     """Purge scan after one request on a fresh model; footprint after 10 requests; verify after
     5 and 10 chained requests (float32); then delete the forgotten files and ask again."""
-    from tests.test_sisa_store import purge_scan
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_sisa_store import purge_scan  # the suite's scan: one definition of "purged"
+
     from unlearn import sisa
 
     spec = f"folder:{jersey_folder(tmp / 'jerseys')}"
