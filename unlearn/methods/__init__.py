@@ -15,6 +15,7 @@ from unlearn.methods.base import ParamState, Result, Unlearner
 from unlearn.methods.certified import certified
 from unlearn.methods.finetune import finetune
 from unlearn.methods.fisher import fisher
+from unlearn.methods.influence import influence_unlearning
 from unlearn.methods.l1_sparse import l1_sparse
 from unlearn.methods.neggrad import neggrad, neggrad_plus
 from unlearn.methods.newton import newton
@@ -44,7 +45,11 @@ REGISTRY: dict[str, Entry] = {
     "fisher": Entry(fisher, description="retain-Fisher-shaped noise (Golatkar et al. 2020)"),
     "l1_sparse": Entry(l1_sparse, description="l1-sparse fine-tune (Jia et al. 2023)"),
     "salun": Entry(salun, description="saliency-masked random labels (Fan et al. 2024)"),
-    "newton": Entry(newton, convex_only=True, description="batch Newton removal (Guo et al. 2020)"),
+    "influence": Entry(influence_unlearning,
+                       description="influence unlearning, one damped Newton step (Koh & Liang "
+                                   "2017; Jia et al. 2023 IU)"),
+    "newton": Entry(newton, description="batch Newton removal (Guo et al. 2020); damped GGN + "
+                                        "trust rule on non-convex models"),
     "certified": Entry(certified, convex_only=True,
                        description="(ε, δ)-certified removal (Guo et al. 2020)"),
 }

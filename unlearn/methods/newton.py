@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unlearn import curvature as curv
-from unlearn import influence
+from unlearn import engine, influence, models
 from unlearn.methods.base import Unlearner, check_convex, next_weights, params_result
 from unlearn.objective import objective
 from unlearn.train import Fit, Problem, bucket, cast
@@ -60,12 +60,13 @@ class NewtonState(NamedTuple):
     anchor: Params
     anchor_weights: np.ndarray
     factor: influence.NewtonFactor | influence.NystromCache | None
+    model_state: Params = None
 
 
 def newton(
-    solver: str = "exact",
+    solver: str = "auto",
     steps: int = 1,
-    damping: float = 0.0,
+    damping: float | None = None,
     tol: float | None = None,
     maxiter: int | None = None,
     lissa_depth: int = 1000,
@@ -80,9 +81,11 @@ def newton(
 
     Args:
       solver: ``exact`` (cached eigendecomposition + Woodbury), ``cg`` or ``lissa``;
-        non-convex models need ``cg``.
+        non-convex models need ``cg``; ``auto`` (default): ``exact`` for convex models,
+        ``cg`` otherwise.
       steps: 1 (Guo et al.) or 2 (a second Newton step at the first step's result).
-      damping: :math:`\lambda_d` added to the Hessian's diagonal.
+      damping: :math:`\lambda_d` added to the curvature's diagonal (default: 0 for convex
+        models, 1e-3 otherwise).
       tol, maxiter: CG/LiSSA tolerance and CG iteration cap (non-convergence is warned about and
         reported in ``stats``).
       lissa_depth, lissa_scale: LiSSA recursion depth and scale (default: 1.5 × a Lanczos
@@ -96,8 +99,8 @@ def newton(
       max_retries: non-convex trust rule: how many times the damping is raised ×10 when a step
         does not lower the retained objective.
     """
-    if solver not in ("exact", "cg", "lissa"):
-        raise ValueError(f"solver={solver!r}: choose 'exact', 'cg' or 'lissa'.")
+    if solver not in ("auto", "exact", "cg", "lissa"):
+        raise ValueError(f"solver={solver!r}: choose 'auto', 'exact', 'cg' or 'lissa'.")
     if precond not in ("nystrom", None):
         raise ValueError(f"precond={precond!r}: choose 'nystrom' or None.")
     if curvature not in ("auto", "hessian", "ggn"):
@@ -106,14 +109,21 @@ def newton(
         raise ValueError(f"rank={rank!r} must be >= 1.")
     if steps not in (1, 2):
         raise ValueError(f"steps={steps!r}: choose 1 or 2.")
-    if damping < 0:
+    if damping is not None and damping < 0:
         raise ValueError(f"damping={damping!r} must be >= 0.")
+
+    def resolved(problem: Problem) -> tuple[str, float]:
+        convex = problem.model.convex
+        s = solver if solver != "auto" else ("exact" if convex else "cg")
+        lam = (0.0 if convex else 1e-3) if damping is None else float(damping)
+        return s, lam
 
     def curvature_fn(problem: Problem):
         use_ggn = curvature == "ggn" or (curvature == "auto" and not problem.model.convex)
         return curv.ggn_vp if use_ggn else curv.hvp
 
     def prepare(problem: Problem, trained: Fit) -> NewtonState:
+        solver, damping = resolved(problem)
         if not problem.model.convex:
             if solver != "cg":
                 check_convex(problem, f"newton(solver={solver!r})")
@@ -122,27 +132,32 @@ def newton(
                     f"newton on the non-convex model {problem.model.name!r} needs damping > 0 "
                     "(e.g. damping=1e-3): the curvature is only positive semi-definite.")
         dtype = problem.cfg.dtype
-        params = cast(trained.params, dtype)
+        # Curvature and steps act on the trainable params in eval mode; BatchNorm statistics
+        # stay frozen (and are returned unchanged).
+        params, mstate = engine.split_variables(cast(trained.params, dtype))
+        apply = models.frozen_apply(problem.model, mstate)
         x = cast(jnp.asarray(problem.train.x), dtype)
         y = jnp.asarray(problem.train.y)
         w = np.ones(len(problem.train), np.float32)
         factor = None
         wj = jnp.asarray(w, x.dtype)
         if solver == "exact":
-            factor = influence.newton_factor(problem.model.apply, params, x, y, wj,
+            factor = influence.newton_factor(apply, params, x, y, wj,
                                              problem.cfg.l2, damping)
         elif solver == "cg" and precond == "nystrom":
             p = jax.flatten_util.ravel_pytree(params)[0].size
             factor = influence.nystrom_cache(
-                problem.model.apply, params, x, y, wj, problem.cfg.l2, damping,
+                apply, params, x, y, wj, problem.cfg.l2, damping,
                 rank=min(rank, p - 1), key=jax.random.fold_in(problem.key, 7),
                 curvature_fn=curvature_fn(problem))
-        return NewtonState(problem, params, w, x, y, params, w, factor)
+        return NewtonState(problem, params, w, x, y, params, w, factor, mstate)
 
     def forget(state: NewtonState, forget_ids, key):
         pos, w = next_weights(state, forget_ids)
         p = state.problem
-        apply, l2 = p.model.apply, p.cfg.l2
+        solver, damping = resolved(p)
+        apply = models.frozen_apply(p.model, state.model_state or {})
+        l2 = p.cfg.l2
         wj = jnp.asarray(w, state.x.dtype)
         common = dict(damping=damping, tol=tol, maxiter=maxiter, lissa_depth=lissa_depth,
                       lissa_scale=lissa_scale, key=key)
@@ -218,6 +233,7 @@ def newton(
         if report_residual:
             g = influence.retained_gradient(apply, params, state.x, state.y, wj, l2)
             stats["grad_norm"] = float(jnp.linalg.norm(g))
-        return params_result(p, params, stats), state._replace(params=params, weights=w)
+        full = engine.merge_variables(params, state.model_state or {})
+        return params_result(p, full, stats), state._replace(params=params, weights=w)
 
     return Unlearner("newton", prepare, forget)
