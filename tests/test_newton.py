@@ -115,13 +115,17 @@ def test_removed_curvature_factor_is_the_hessian_of_removed_losses(digits64):
     np.testing.assert_allclose(np.asarray(v @ v.T), np.asarray(h), atol=1e-12)
 
 
-def test_newton_refuses_nonconvex_model():
+def test_newton_on_nonconvex_model_needs_cg_and_damping():
+    # Non-convex models are handled by CG on the damped Gauss-Newton matrix only: an exact
+    # solve or zero damping would divide by a merely positive semi-definite curvature.
     tr = data.load("digits").train.subset(np.arange(100))
     problem = train.Problem(models.mlp(10, (8,)), tr, train.TrainConfig(epochs=1),
                             jax.random.key(0))
     trained = train.Fit(train.init_params(problem.model, tr, problem.key), {})
     with pytest.raises(ValueError, match="strictly convex model.*logreg"):
-        methods.get("newton").prepare(problem, trained)
+        methods.get("newton", solver="exact").prepare(problem, trained)
+    with pytest.raises(ValueError, match="needs damping > 0"):
+        methods.get("newton", damping=0.0).prepare(problem, trained)
 
 
 def test_newton_bad_arguments():

@@ -79,9 +79,10 @@ def check_convex(problem: Problem, method: str = "newton") -> None:
     if not problem.model.convex:
         raise ValueError(
             f"method {method!r} needs a strictly convex model (model.convex=True, e.g. "
-            f"unlearn.models.logreg or binary_logreg); got model {problem.model.name!r}. Newton "
-            "removal assumes a positive-definite Hessian; for non-convex models use an "
-            "approximate method (e.g. 'finetune') or exact retraining ('retrain')."
+            f"unlearn.models.logreg or binary_logreg); got model {problem.model.name!r}: it "
+            "relies on a positive-definite Hessian. For non-convex models use an approximate "
+            "method (e.g. 'finetune' or 'influence'), 'newton' with solver='cg' and damping > 0 "
+            "(damped Gauss-Newton), or exact retraining ('retrain')."
         )
 
 
