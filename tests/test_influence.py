@@ -27,7 +27,7 @@ def test_influence_definition_and_cg_match_dense(digits):
     # Independent: jax.hessian of the mean objective, dense solve, per-example grads by jax.grad.
     theta, unravel = jax.flatten_util.ravel_pytree(star.params)
     obj = lambda t: train.objective(m.apply, unravel(t), x, y, jnp.ones(len(tr)), 1e-3)  # noqa
-    h = jax.hessian(obj)(theta)
+    h = jax.jit(jax.hessian(obj))(theta)
     loss1 = lambda t, a, b: train.example_losses(m.apply, unravel(t), a[None], b[None])[0]  # noqa
     g_tr = jax.vmap(jax.grad(loss1), (None, 0, 0))(theta, x[:50], y[:50])
     g_te = jax.vmap(jax.grad(loss1), (None, 0, 0))(theta, xt, yt)
@@ -92,7 +92,7 @@ def test_every_backend_against_dense_float64(tiny_mlp, kind):
     p = theta.size
     if kind == "hessian":
         obj = lambda t: train.objective(m.apply, unravel(t), x, y, jnp.ones(len(tr)), l2)  # noqa
-        h = jax.hessian(obj)(theta)
+        h = jax.jit(jax.hessian(obj))(theta)
     else:
         jac = jax.jacobian(lambda t: m.apply(unravel(t), x))(theta)  # (n, K, p)
         pr = jax.nn.softmax(m.apply(star.params, x))

@@ -72,7 +72,9 @@ def _reference_step(problem, params, ids, curvature, damping):
             return jnp.mean(_ce(logits(t, x), y)) + 0.5 * L2 * jnp.vdot(t, t)
         c = np.asarray(jax.hessian(mean_obj)(theta))
     else:
-        jac = np.asarray(jax.jit(jax.jacobian(logits))(theta, x))  # (n, K, p)
+        # per-example Jacobians (n, K, p), one reverse pass per example and class
+        jac_i = jax.jacrev(lambda t, xi: logits(t, xi[None])[0])
+        jac = np.asarray(jax.jit(jax.vmap(jac_i, (None, 0)))(theta, x))
         prob = np.asarray(jax.nn.softmax(logits(theta, x)))
         # Σ_i J_iᵀ(diag p_i − p_i p_iᵀ)J_i = Σ_i J_iᵀ diag(p_i) J_i − (J_iᵀp_i)(J_iᵀp_i)ᵀ
         root = (jac * np.sqrt(prob)[:, :, None]).reshape(-1, theta.size)

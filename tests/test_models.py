@@ -208,8 +208,8 @@ def test_frozen_apply_gradients_exclude_statistics(x64):
     _, new = m.apply(v, x, train=True)  # non-trivial statistics
     params, _ = models.split_variables(v)
     f = models.frozen_apply(m, new)
-    loss = lambda p: jnp.sum(f(p, x) ** 2)
-    g = jax.grad(loss)(params)
+    loss = jax.jit(lambda p: jnp.sum(f(p, x) ** 2))
+    g = jax.jit(jax.grad(loss))(params)
     assert jax.tree.structure(g) == jax.tree.structure(params)
     d = jax.tree.map(lambda a: jax.random.normal(jax.random.key(9), a.shape, a.dtype), params)
     eps = 1e-6
@@ -233,18 +233,22 @@ def test_ensemble_apply_matches_per_member(kind, x64):
     else:
         m, shape = models.cnn(4, features=(3, 5), dense=6), (S, 5, 11)
     xs = jax.random.normal(jax.random.key(1), shape, jnp.float64)
-    vs = jax.vmap(m.init, in_axes=(0, None))(jax.random.split(jax.random.key(0), S), xs[0])
+    # every computation jitted: eager dispatch of each small op costs more than the checks
+    vs = jax.jit(jax.vmap(m.init, in_axes=(0, None)))(jax.random.split(jax.random.key(0), S),
+                                                      xs[0])
     vs = jax.tree.map(lambda a: a.astype(jnp.float64), vs)
     f = models.ensemble_apply(m)
     assert models.ensemble_apply(models.make(*m.spec[:1], **dict(m.spec[1]))) is f
     take = lambda t, s: jax.tree.map(lambda a: a[s], t)
-    ref = jnp.stack([m.apply(take(vs, s), xs[s]) for s in range(S)])
-    got = f(vs, xs)
+    one = jax.jit(m.apply)
+    ref = jnp.stack([one(take(vs, s), xs[s]) for s in range(S)])
+    got = jax.jit(f)(vs, xs)
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
     # gradients of the summed per-member losses w.r.t. the stacked params: per-member grads
-    g = jax.grad(lambda v: jnp.sum(f(v, xs) ** 2))(vs)
+    g = jax.jit(jax.grad(lambda v: jnp.sum(f(v, xs) ** 2)))(vs)
+    g_one = jax.jit(jax.grad(lambda v, xb: jnp.sum(m.apply(v, xb) ** 2)))
     for s in range(S):
-        gs = jax.grad(lambda v, xb: jnp.sum(m.apply(v, xb) ** 2))(take(vs, s), xs[s])
+        gs = g_one(take(vs, s), xs[s])
         for a, b in zip(jax.tree.leaves(take(g, s)), jax.tree.leaves(gs)):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
