@@ -221,6 +221,23 @@ def test_frozen_apply_gradients_exclude_statistics(x64):
     np.testing.assert_allclose(fd, dot, rtol=1e-6)
 
 
+def test_frozen_apply_of_the_cnn_is_the_convolution_free_form(x64):
+    # curvature code gets the im2col CNN (no conv op inside CG/Lanczos loops): it must be the
+    # same function as flax's conv net, values and gradients, to float64 summation order
+    m = models.cnn(4, features=(3, 5), dense=6, image_shape=(9, 7, 2))
+    x = jax.random.normal(jax.random.key(1), (5, 9 * 7 * 2), jnp.float64)
+    v = jax.tree.map(lambda a: a.astype(jnp.float64), m.init(jax.random.key(0), x))
+    f = models.frozen_apply(m, {})
+    assert f is not m.apply and models.frozen_apply(m, {}) is f
+    np.testing.assert_allclose(jax.jit(f)(v, x), jax.jit(m.apply)(v, x), rtol=1e-12, atol=1e-13)
+    g_f = jax.jit(jax.grad(lambda p: jnp.sum(f(p, x) ** 2)))(v)
+    g_m = jax.jit(jax.grad(lambda p: jnp.sum(m.apply(p, x) ** 2)))(v)
+    for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_m), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    d = models.cnn(4, dropout=0.5)  # stochastic: keeps flax's apply (its own dropout masks)
+    assert models.frozen_apply(d, {}) is d.apply
+
+
 @pytest.mark.parametrize("kind", ["2d", "2d_flat", "1d"])
 def test_ensemble_apply_matches_per_member(kind, x64):
     # float64: the fused (im2col, batched-matmul) CNN differs from per-member convolutions only

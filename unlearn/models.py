@@ -102,9 +102,13 @@ def merge_variables(params: Mapping[str, Any], state: Mapping[str, Any]) -> Vari
 def frozen_apply(model: Model, state: Mapping[str, Any]) -> Callable[[Params, jax.Array],
                                                                       jax.Array]:
     """Eval-mode ``apply(params, x) -> logits`` with the model state (BatchNorm running
-    statistics) held fixed: the function whose gradients, Hessians and HVPs are taken."""
+    statistics) held fixed: the function whose gradients, Hessians and HVPs are taken.
+    For the plain CNN it is the convolution-free im2col form (:func:`_loop_friendly_apply`),
+    equal up to float summation order and far faster inside the solvers' XLA loops on CPU."""
     state = dict(state)
     if not state:
+        if model.spec[0] == "cnn" and not model.stochastic:
+            return _loop_friendly_apply(model)
         return model.apply
 
     def apply(params, x):
@@ -450,6 +454,23 @@ def ensemble_apply(model: Model) -> Callable[[Variables, jax.Array], jax.Array]:
         d0, d1 = p["Dense_0"], p["Dense_1"]
         x = nn.relu(jnp.einsum("sbi,sio->sbo", x, d0["kernel"]) + d0["bias"][:, None])
         return jnp.einsum("sbi,sio->sbo", x, d1["kernel"]) + d1["bias"][:, None]
+
+    return apply
+
+
+@functools.cache
+def _loop_friendly_apply(model: Model) -> Callable[[Params, jax.Array], jax.Array]:
+    """The plain CNN's eval-mode apply written as im2col patches times kernels (the one-member
+    case of :func:`ensemble_apply`): the same function up to float summation order, but with
+    no convolution op. Curvature solvers run their products inside ``lax.while_loop`` (CG,
+    Lanczos, LiSSA), where XLA's CPU backend runs a convolution ~20× slower than at the top
+    level of a jit; measured here, 20 CG iterations of a damped GGN product on a 26 698-param
+    CNN (1 000 MNIST images, 4 right-hand sides) take 34 s in this form and 277 s with flax's
+    convolutions. Memoised per model, so compile caches keyed on the function hit."""
+    ens = ensemble_apply(model)
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        return ens(jax.tree.map(lambda a: a[None], params), x[None])[0]
 
     return apply
 
