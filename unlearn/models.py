@@ -103,11 +103,12 @@ def frozen_apply(model: Model, state: Mapping[str, Any]) -> Callable[[Params, ja
                                                                       jax.Array]:
     """Eval-mode ``apply(params, x) -> logits`` with the model state (BatchNorm running
     statistics) held fixed: the function whose gradients, Hessians and HVPs are taken.
-    For the plain CNN it is the convolution-free im2col form (:func:`_loop_friendly_apply`),
+    For the plain CNN on CPU it is the convolution-free im2col form (:func:`_loop_friendly_apply`),
     equal up to float summation order and far faster inside the solvers' XLA loops on CPU."""
     state = dict(state)
     if not state:
-        if model.spec[0] == "cnn" and not model.stochastic:
+        # On GPU convolutions are fast inside loops too; keep the model's own apply there.
+        if _fusable_cnn(model) and jax.default_backend() == "cpu":
             return _loop_friendly_apply(model)
         return model.apply
 
@@ -409,6 +410,11 @@ def _max_pool2(x: jax.Array, spatial: int) -> jax.Array:
     return jnp.max(x.reshape(shape), axis=tuple(3 + 2 * i for i in range(spatial)))
 
 
+def _fusable_cnn(model: Model) -> bool:
+    """The plain CNN (no dropout): the model that has an im2col (convolution-free) form."""
+    return model.spec[0] == "cnn" and not model.stochastic
+
+
 @functools.cache
 def ensemble_apply(model: Model) -> Callable[[Variables, jax.Array], jax.Array]:
     """Eval-mode apply of S stacked members at once: ``f(stacked_variables, xs) -> (S, B, K)``
@@ -431,7 +437,7 @@ def ensemble_apply(model: Model) -> Callable[[Variables, jax.Array], jax.Array]:
     kw = dict(items)
     if not model.has_conv:
         return jax.vmap(model.apply)
-    if name != "cnn" or model.stochastic:
+    if not _fusable_cnn(model):
         raise ValueError(f"ensemble_apply fuses the plain CNN only; got {name!r}"
                          f"{' with dropout' if model.stochastic else ''}. Use a per-member "
                          f"strategy (unroll/loop) for this model.")
