@@ -42,12 +42,6 @@ FALLBACK_HEADLINES: dict[str, dict[str, tuple[str, str]]] = {
         "hockey_points_retrained": ("results.hockey.points_retrained", "exact"),
         "hockey_max_abs_diff_vs_scratch": ("results.hockey.max_abs_diff_vs_scratch", "exact"),
     },
-    "compare_methods": {
-        "settings": ("results.results.*.setting", "exact"),
-        "forget_counts": ("results.results.*.forget_count", "exact"),
-        "test_acc": ("results.results.*.summary.*.test_acc.mean", "accuracy"),
-        "avg_gap": ("results.results.*.summary.*.avg_gap.mean", "accuracy"),
-    },
 }
 
 

@@ -103,6 +103,34 @@ def test_check_tolerance_kinds():
         runner.headline_spec(types.SimpleNamespace(NAME="y", HEADLINES={"a": ("r", "fuzzy")}))
 
 
+
+def test_seeds_kind_holds_means_to_their_sampling_error():
+    """The "seeds" width is 3 standard errors of the difference of two means over seeds
+    (computed here from per-seed values with numpy), at least 1 point."""
+    spec = {"gap": ("results.rows.*.gap", "seeds")}
+
+    def summary(xs):
+        xs = np.asarray(xs, float)
+        return {"mean": float(xs.mean()), "std": float(xs.std()), "n": len(xs)}
+
+    def ok(run_seeds, ref_seeds):
+        run = _payload(rows=[{"gap": summary(run_seeds)}])
+        ref = _payload(rows=[{"gap": summary(ref_seeds)}])
+        return runner.check("x", spec, run, ref)[0].ok
+
+    # a bimodal method: one of three seeds lands elsewhere on another CPU -> within the spread
+    bimodal_ref, bimodal_run = [0.2, 0.3, 4.1], [49.0, 0.3, 11.3]
+    se = np.sqrt(np.var(bimodal_ref) / 3 + np.var(bimodal_run) / 3)
+    assert abs(np.mean(bimodal_run) - np.mean(bimodal_ref)) < 3 * se
+    assert ok(bimodal_run, bimodal_ref)
+    # a tight method that moved by far more than its spread -> a failure
+    assert not ok([5.0, 5.1, 4.9], [1.0, 1.1, 0.9])
+    # single seed: the 1-point floor only
+    assert ok([2.5], [1.71]) and not ok([2.74], [1.71])
+    # a plain number where a summary belongs is not a match
+    run = _payload(rows=[{"gap": 1.0}])
+    assert not runner.check("x", spec, run, _payload(rows=[{"gap": summary([1.0])}]))[0].ok
+
 @pytest.fixture
 def fake_experiment(monkeypatch):
     """A tiny experiment module registered as ``experiments.fake`` (instant run and plot)."""

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unlearn import data, models, train
+from unlearn import data, engine, models, train
 from unlearn.metrics import flat
 
 
@@ -122,3 +122,28 @@ def test_bad_training_input():
         train.fit(m, s.train, train.TrainConfig(solver="adamw"), problem.key)
     with pytest.raises(ValueError, match="model="):
         models.make("resnet", 10)
+
+
+def test_lbfgs_on_a_cnn_follows_the_flax_conv_trajectory(x64):
+    """L-BFGS runs the CNN through its convolution-free loop form on CPU; the same 20 L-BFGS
+    steps with flax's own convolutions (the model's apply) reach the same params and loss."""
+    ds = data.load("digits", seed=0).train.subset(np.arange(64))
+    model = models.make("cnn", ds.num_classes, features=(4,), dense=8, image_shape=(8, 8, 1))
+    cfg = train.TrainConfig(solver="lbfgs", l2=1e-2, dtype="float64", tol=1e-12, max_iter=20)
+    fit = train.fit(model, ds, cfg, jax.random.key(0))
+    x, y = jnp.asarray(ds.x, jnp.float64), jnp.asarray(ds.y)
+    w = jnp.ones(len(ds), jnp.float64)
+    p0 = train.cast(train.init_params(model, ds, jax.random.key(0), "float64"), "float64")
+    ref, it, _, loss = train._lbfgs_run(engine.static_apply(model), p0, x, y, w, 1e-2, 1e-12, 20)
+    assert fit.info["iterations"] == int(it) == 20
+    assert float(jnp.max(jnp.abs(flat(fit.params) - flat(ref)))) < 1e-8
+    assert abs(fit.info["loss"] - float(loss)) < 1e-10
+    assert fit.info["loss"] < float(train.objective(model.apply, p0, x, y, w, 1e-2))
+
+
+def test_lbfgs_refuses_a_model_with_batchnorm_state():
+    ds = data.load("digits", seed=0).train.subset(np.arange(32))
+    model = models.make("resnet9", ds.num_classes, width=4, image_shape=(8, 8, 1))
+    cfg = train.TrainConfig(solver="lbfgs", l2=1e-2)
+    with pytest.raises(ValueError, match="BatchNorm.*solver='sgd'"):
+        train.fit(model, ds, cfg, jax.random.key(0))

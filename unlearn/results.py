@@ -42,11 +42,27 @@ def git_revision() -> str:
         return "unknown"
 
 
+_ISA = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "fma")
+
+
+def cpu() -> dict[str, Any]:
+    """The CPU's model name and the vector extensions XLA's CPU code generator picks from
+    (two hosts with different ones sum float32 in different orders); empty off Linux."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name", ""), "isa": [f for f in _ISA if f in flags]}
+
+
 def machine() -> dict[str, Any]:
     """Where the numbers were measured."""
     import jax
 
-    return {"platform": platform.platform(), "processor": platform.machine(),
+    return {"platform": platform.platform(), "processor": platform.machine(), "cpu": cpu(),
             "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()]}
 

@@ -44,7 +44,7 @@ from unlearn.engine import (  # noqa: F401 (the data-order rule lives in the eng
     epoch_order,
     key_seed,
 )
-from unlearn.models import Model
+from unlearn.models import Model, frozen_apply
 from unlearn.objective import example_losses, l2_norm_sq, objective  # noqa: F401 (re-exported)
 
 Params = Any
@@ -264,10 +264,20 @@ def _lbfgs_run(apply, params, x, y, w, l2, tol, max_iter):
 
 
 def fit_lbfgs(model: Model, data: Dataset, cfg: TrainConfig, params, w) -> Fit:
-    """Full-batch L-BFGS (optax, zoom line search) until ‖∇L‖ ≤ ``cfg.tol``."""
+    """Full-batch L-BFGS (optax, zoom line search) until ‖∇L‖ ≤ ``cfg.tol``.
+
+    The loop runs the model's eval-mode apply; for the plain CNN on CPU that is the
+    convolution-free form of :func:`unlearn.models.frozen_apply` (the same function up to float
+    summation order; convolutions inside an XLA loop are ~20× slower on CPU)."""
+    if engine.has_state(model):
+        raise ValueError(f"solver='lbfgs' trains full batch in eval mode; {model.name} carries "
+                         "BatchNorm statistics that only minibatch training updates: use "
+                         "solver='sgd'.")
     x = cast(jnp.asarray(data.x), cfg.dtype)
     wj = cast(jnp.asarray(w), cfg.dtype)
-    p, it, gnorm, value = _lbfgs_run(engine.static_apply(model), params, x,
+    loop_apply = frozen_apply(model, {})
+    apply = engine.static_apply(model) if loop_apply is model.apply else loop_apply
+    p, it, gnorm, value = _lbfgs_run(apply, params, x,
                                      jnp.asarray(data.y), wj, cfg.l2, cfg.tol, cfg.max_iter)
     _check_finite(p, "L-BFGS")
     return Fit(p, {"iterations": int(it), "grad_norm": float(gnorm), "loss": float(value),
