@@ -103,7 +103,6 @@ def test_check_tolerance_kinds():
         runner.headline_spec(types.SimpleNamespace(NAME="y", HEADLINES={"a": ("r", "fuzzy")}))
 
 
-
 def test_seeds_kind_holds_means_to_their_sampling_error():
     """The "seeds" width is 3 standard errors of the difference of two means over seeds
     (computed here from per-seed values with numpy), at least 1 point."""
@@ -130,6 +129,7 @@ def test_seeds_kind_holds_means_to_their_sampling_error():
     # a plain number where a summary belongs is not a match
     run = _payload(rows=[{"gap": 1.0}])
     assert not runner.check("x", spec, run, _payload(rows=[{"gap": summary([1.0])}]))[0].ok
+
 
 @pytest.fixture
 def fake_experiment(monkeypatch):

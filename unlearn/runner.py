@@ -28,6 +28,23 @@ from unlearn import results
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "paper_figures"
 
+
+def _seed_means_agree(a: dict, b: dict) -> bool:
+    """Two ``{"mean", "std", "n"}`` summaries (``evaluate.mean_std_over_seeds``) agree.
+
+    Why this width: a float32 unlearning method that alternates ascent and descent (SCRUB's
+    max/min steps, fine-tuning on a forget set) amplifies summation-order differences between
+    CPUs until a seed's outcome changes (measured: SCRUB, digits class 0, seed 0, UA 100 % on
+    one host and 6 % on another, same code and config). Such a seed is a fresh draw from the
+    method's outcome distribution, so two runs' means can only be held to their sampling error,
+    which the across-seed spread estimates: ``|Δmean| ≤ 3 √(s_a²/n_a + s_b²/n_b)``.
+    """
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return a is None and b is None  # a metric absent from both payloads agrees
+    se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+    return abs(a["mean"] - b["mean"]) <= max(1.0, 3.0 * se)
+
+
 # kind -> (description, comparison). Widths: float64 optimisations converge to ‖∇L‖ ≤ 1e-10
 # and agree across machines to ~1e-9 relative (9th–15th digit measured), so 1e-6 is tight yet
 # safe; float32 SGD sums in an order the CPU's vectoriser picks, and a float32-trained net's
@@ -46,24 +63,8 @@ TOLERANCES: dict[str, tuple[str, Callable[[float, float], bool]]] = {
     "seeds": ("means over seeds (values in %) within 3 standard errors of their difference, "
               "from both runs' across-seed spread, and at least 1 percentage point (the "
               "'accuracy' width); a single-seed setting gets the 1-point width only",
-              lambda a, b: _seed_means_agree(a, b)),
+              _seed_means_agree),
 }
-
-
-def _seed_means_agree(a: dict, b: dict) -> bool:
-    """Two ``{"mean", "std", "n"}`` summaries (``evaluate.mean_std_over_seeds``) agree.
-
-    Why this width: a float32 unlearning method that alternates ascent and descent (SCRUB's
-    max/min steps, fine-tuning on a forget set) amplifies summation-order differences between
-    CPUs until a seed's outcome changes (measured: SCRUB, digits class 0, seed 0, UA 100 % on
-    one host and 6 % on another, same code and config). Such a seed is a fresh draw from the
-    method's outcome distribution, so two runs' means can only be held to their sampling error,
-    which the across-seed spread estimates: ``|Δmean| ≤ 3 √(s_a²/n_a + s_b²/n_b)``.
-    """
-    if not (isinstance(a, dict) and isinstance(b, dict)):
-        return a == b and not isinstance(a, dict | float | int)  # both absent (None): agree
-    se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
-    return abs(a["mean"] - b["mean"]) <= max(1.0, 3.0 * se)
 
 
 def no_progress(_: str) -> None:
