@@ -26,8 +26,8 @@ from pathlib import Path
 
 from unlearn import results, runner
 
-EXPERIMENTS = ["forget_basic", "influence_loo", "certified_removal", "sisa_tradeoff", "scaling",
-               "compare_methods"]
+EXPERIMENTS = ["forget_basic", "influence_loo", "influence_loo_cnn", "certified_removal",
+               "sisa_tradeoff", "scaling", "compare_methods"]
 RUNS = Path(__file__).resolve().parent.parent / "runs"
 
 # Headlines of experiments whose modules do not (yet) declare ``HEADLINES`` themselves; the

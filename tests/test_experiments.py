@@ -58,6 +58,21 @@ def test_influence_loo_smoke_on_mnist_1v7(tmp_path):
     assert any("leave-one-out" in s for s in seen)
 
 
+@pytest.mark.slow
+def test_influence_loo_cnn_smoke_predicts_real_retrains(tmp_path):
+    # ~35 s: the non-convex panel end to end on 100 real MNIST digits; the actual changes come
+    # from retraining (independent of the influence maths), the control run's drift subtracted
+    from experiments import influence_loo_cnn
+
+    path = runner.run_experiment(influence_loo_cnn, config="smoke", out=tmp_path)
+    res = json.loads(path.read_text())["results"]
+    assert res["n_train"] == 100 and len(res["points"]) == 8
+    assert len({p["train_id"] for p in res["points"]}) == 8
+    assert all(abs(p["actual"]) > 0 for p in res["points"])
+    assert res["pearson"]["hessian-cg"] > 0.8 and res["pearson"]["ggn-cg"] > 0.8
+    assert (tmp_path / "smoke" / "influence_loo_cnn.png").exists()
+
+
 def test_certified_removal_smoke_on_mnist_3v8(tmp_path):
     path = runner.run_experiment(certified_removal, config="smoke", out=tmp_path)
     res = json.loads(path.read_text())["results"]

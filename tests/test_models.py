@@ -240,7 +240,7 @@ def test_frozen_apply_of_the_cnn_is_the_convolution_free_form(x64):
     assert models.frozen_apply(d, {}) is d.apply
 
 
-@pytest.mark.parametrize("kind", ["2d", "2d_flat", "1d"])
+@pytest.mark.parametrize("kind", ["2d", "2d_flat", "1d", "tanh"])
 def test_ensemble_apply_matches_per_member(kind, x64):
     # float64: the fused (im2col, batched-matmul) CNN differs from per-member convolutions only
     # in summation order over <= 9*16 products per output, so agreement to ~1e-13 relative.
@@ -249,6 +249,8 @@ def test_ensemble_apply_matches_per_member(kind, x64):
         m, shape = models.cnn(4, features=(3, 5), dense=6), (S, 5, 9, 7, 2)
     elif kind == "2d_flat":
         m, shape = models.cnn(4, features=(4, 8, 16), dense=6, image_shape=(8, 8, 1)), (S, 5, 64)
+    elif kind == "tanh":  # the smooth CNN of the non-convex leave-one-out panel
+        m, shape = models.cnn(4, features=(3, 5), dense=6, activation="tanh"), (S, 5, 9, 7, 2)
     else:
         m, shape = models.cnn(4, features=(3, 5), dense=6), (S, 5, 11)
     xs = jax.random.normal(jax.random.key(1), shape, jnp.float64)
@@ -290,3 +292,17 @@ def test_ensemble_apply_float32_and_fallbacks():
         models.ensemble_apply(models.cnn(10, dropout=0.5))
     with pytest.raises(ValueError, match="resnet9"):
         models.ensemble_apply(models.resnet9(10, width=4))
+
+
+def test_cnn_activation_option():
+    # tanh is a different function from the ReLU net with the same weights; the default stays
+    # out of the spec so older specs name the same model
+    r, t = models.cnn(3, features=(2,), dense=4), models.cnn(3, features=(2,), dense=4,
+                                                             activation="tanh")
+    assert "activation" not in dict(r.spec[1]) and dict(t.spec[1])["activation"] == "tanh"
+    assert models.from_spec(t.spec) is t
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 1))
+    v = r.init(jax.random.key(1), x)
+    assert not np.allclose(r.apply(v, x), t.apply(v, x))
+    with pytest.raises(ValueError, match="activation='gelu' is unknown"):
+        models.cnn(3, activation="gelu")

@@ -157,6 +157,12 @@ class _MLP(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
+# Hidden-layer nonlinearities of the CNN: ReLU (the tutorial's), or tanh — smooth, as in Koh &
+# Liang's (2017) All-CNN-C for the non-convex leave-one-out experiment, so that the Hessian is
+# continuous and full-batch L-BFGS / leave-one-out retraining converge.
+ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh}
+
+
 class _CNN(nn.Module):
     """The seed tutorial's CNN (3 conv layers 32/64/128, dense 512, dropout 0.5), scaled.
 
@@ -172,18 +178,20 @@ class _CNN(nn.Module):
     dense: int = 512
     image_shape: tuple[int, ...] | None = None
     dropout: float = 0.0
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         n = x.shape[0]
+        act = ACTIVATIONS[self.activation]
         x = _to_image(x, self.image_shape)
         spatial = x.ndim - 2
         for f in self.features:
-            x = nn.relu(nn.Conv(f, (3,) * spatial, padding="SAME")(x))
+            x = act(nn.Conv(f, (3,) * spatial, padding="SAME")(x))
             if min(x.shape[1:-1]) >= 2:
                 x = nn.max_pool(x, (2,) * spatial, strides=(2,) * spatial)
         x = x.reshape((n, -1))
-        x = nn.relu(nn.Dense(self.dense)(x))
+        x = act(nn.Dense(self.dense)(x))
         if self.dropout > 0:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.num_classes)(x)
@@ -351,15 +359,23 @@ def cnn(
     dense: int = 512,
     image_shape: tuple[int, ...] | None = None,
     dropout: float = 0.0,
+    activation: str = "relu",
 ) -> Model:
     """The seed material's 3-conv CNN, with widths scaled by ``features`` and ``dense``;
-    ``dropout=0.5`` restores the tutorial's dropout (train mode then needs ``rng``)."""
+    ``dropout=0.5`` restores the tutorial's dropout (train mode then needs ``rng``);
+    ``activation='tanh'`` makes it smooth (Koh & Liang's non-convex leave-one-out setting)."""
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be in [0, 1); got {dropout!r}.")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is unknown; choose one of "
+                         f"{sorted(ACTIVATIONS)}.")
+    # The default stays out of the spec, so specs (and model directories) written before the
+    # option existed describe the same model.
+    extra = {} if activation == "relu" else {"activation": activation}
     return from_spec(_spec("cnn", num_classes=_check_classes(num_classes),
                            features=tuple(features), dense=dense,
                            image_shape=None if image_shape is None else tuple(image_shape),
-                           dropout=float(dropout)))
+                           dropout=float(dropout), **extra))
 
 
 def resnet18(num_classes: int, width: int = 64,
@@ -442,6 +458,7 @@ def ensemble_apply(model: Model) -> Callable[[Variables, jax.Array], jax.Array]:
                          f"{' with dropout' if model.stochastic else ''}. Use a per-member "
                          f"strategy (unroll/loop) for this model.")
     n_conv, image_shape = len(kw["features"]), kw["image_shape"]
+    act = ACTIVATIONS[kw.get("activation", "relu")]
 
     def apply(variables: Variables, xs: jax.Array) -> jax.Array:
         p = variables["params"]
@@ -453,12 +470,12 @@ def ensemble_apply(model: Model) -> Callable[[Variables, jax.Array], jax.Array]:
             k, bias = p[f"Conv_{i}"]["kernel"], p[f"Conv_{i}"]["bias"]
             kk = k.reshape(s, -1, k.shape[-1])
             x = jnp.einsum("sb...k,skf->sb...f", _patches(x, spatial), kk)
-            x = nn.relu(x + bias.reshape((s, 1) + (1,) * spatial + (-1,)))
+            x = act(x + bias.reshape((s, 1) + (1,) * spatial + (-1,)))
             if min(x.shape[2:-1]) >= 2:
                 x = _max_pool2(x, spatial)
         x = x.reshape(s, b, -1)
         d0, d1 = p["Dense_0"], p["Dense_1"]
-        x = nn.relu(jnp.einsum("sbi,sio->sbo", x, d0["kernel"]) + d0["bias"][:, None])
+        x = act(jnp.einsum("sbi,sio->sbo", x, d0["kernel"]) + d0["bias"][:, None])
         return jnp.einsum("sbi,sio->sbo", x, d1["kernel"]) + d1["bias"][:, None]
 
     return apply

@@ -44,8 +44,13 @@ from unlearn.engine import (  # noqa: F401 (the data-order rule lives in the eng
     epoch_order,
     key_seed,
 )
-from unlearn.models import Model, frozen_apply
-from unlearn.objective import example_losses, l2_norm_sq, objective  # noqa: F401 (re-exported)
+from unlearn.models import Model, ensemble_apply, frozen_apply
+from unlearn.objective import (  # noqa: F401 (re-exported)
+    cross_entropy,
+    example_losses,
+    l2_norm_sq,
+    objective,
+)
 
 Params = Any
 SOLVERS = ("sgd", "lbfgs")
@@ -282,6 +287,61 @@ def fit_lbfgs(model: Model, data: Dataset, cfg: TrainConfig, params, w) -> Fit:
     _check_finite(p, "L-BFGS")
     return Fit(p, {"iterations": int(it), "grad_norm": float(gnorm), "loss": float(value),
                    "converged": bool(gnorm <= cfg.tol)})
+
+
+@functools.partial(jax.jit, static_argnames=("apply", "steps"))
+def _descend_members(apply, params, x, y, weights, l2, lr, momentum, steps):
+    s = weights.shape[0]
+    xs = jnp.broadcast_to(x, (s,) + x.shape)
+    ys = jnp.broadcast_to(y, (s,) + y.shape)
+
+    def total(stacked):
+        # Members are independent, so the gradient of the summed objectives is each member's
+        # own gradient: one batched forward/backward pass for all of them.
+        ce = cross_entropy(apply(stacked, xs), ys)
+        data = jnp.sum(weights * ce, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
+        reg = sum(jnp.sum(a.reshape(s, -1) ** 2, 1) for a in jax.tree.leaves(stacked))
+        return jnp.sum(data + 0.5 * l2 * reg)
+
+    def body(carry, _):
+        p, v = carry
+        g = jax.grad(total)(p)
+        v = jax.tree.map(lambda vv, gg: momentum * vv - lr * gg, v, g)
+        return (jax.tree.map(jnp.add, p, v), v), None
+
+    init = (params, jax.tree.map(jnp.zeros_like, params))
+    (p, _), _ = jax.lax.scan(body, init, None, length=steps)
+    return p
+
+
+def descend_members(model: Model, variables: Params, x, y, weights, *, l2: float,
+                    lr: float, momentum: float, steps: int) -> Params:
+    """S copies of one model, each run ``steps`` steps of full-batch heavy-ball gradient
+    descent (``v ← momentum·v − lr·∇L_s``, ``θ ← θ + v``) on the objective with its own example
+    weights ``weights[s]`` (shape ``(S, n)``), all from the same ``variables``; returns the
+    stacked variables (leading axis S).
+
+    Deterministic and smooth in the weights, so two members that differ by one zero weight
+    differ only by that example's effect: Koh & Liang's (2017, §5.1) protocol for a non-convex
+    model — leave one point out and *retrain from* θ̃ — with a control member (all weights 1)
+    whose drift is subtracted. Members run as one batched program
+    (:func:`unlearn.models.ensemble_apply`: im2col for the plain CNN, ``vmap`` for dense models),
+    so the scan holds no convolution op. Eval-mode apply: models with BatchNorm are refused.
+    """
+    if engine.has_state(model):
+        raise ValueError(f"descend_members trains full batch in eval mode; {model.name} carries "
+                         "BatchNorm statistics: use train_members (minibatch) instead.")
+    w = jnp.asarray(weights)
+    if w.ndim != 2 or w.shape[1] != len(y):
+        raise ValueError(f"weights must have shape (S, {len(y)}); got {tuple(w.shape)}.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r}: pass a positive integer.")
+    dtype = jax.tree.leaves(variables)[0].dtype
+    stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (w.shape[0],) + a.shape), variables)
+    out = _descend_members(ensemble_apply(model), stacked, jnp.asarray(x, dtype),
+                           jnp.asarray(y), w.astype(dtype), l2, lr, momentum, steps)
+    _check_finite(out, "descend_members")
+    return out
 
 
 def _check_finite(params, what: str) -> None:
