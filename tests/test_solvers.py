@@ -259,6 +259,19 @@ def test_nystrom_exact_on_low_rank_and_two_step_pcg():
         S.nystrom(a, b, rank=80)
 
 
+def test_nystrom_memory_does_not_grow_with_p_squared(x64):
+    # regression: the stabilising shift took ||Y||_2 of the tall (p, r) sample, which XLA's CPU
+    # backend computes with a p×p buffer (80 GB at p = 1e5, where the matrix-free path is for).
+    # Compiled temporary memory of the whole prepare step at p = 20 000, r = 20 must stay far
+    # below one p×p float64 matrix (3.2 GB), i.e. O(p·r).
+    p, r = 20_000, 20
+    d = jnp.linspace(1.0, 2.0, p)
+    op = jax.tree_util.Partial(lambda dd, v: dd * v, d)
+    omega = jax.ShapeDtypeStruct((p, r), jnp.float64)
+    mem = S._nystrom_core.lower(op, omega).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < 100 * p * r * 8, mem.temp_size_in_bytes
+
+
 def test_lanczos_topk_matches_eigh():
     h, q, ev = _spd(40, cond=1e3)
     vals, vecs = S.lanczos_topk(h, jnp.ones(40), k=4, steps=40)

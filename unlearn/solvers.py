@@ -563,7 +563,11 @@ def _nystrom_core(op: Partial, omega: Array) -> tuple[Array, Array]:
     omega, _ = jnp.linalg.qr(omega)  # (p, r) orthonormal test matrix
     y = jax.vmap(op, in_axes=1, out_axes=1)(omega)  # A Ω: one batched product
     eps = jnp.finfo(y.dtype).eps
-    nu = jnp.sqrt(y.shape[0]) * eps * jnp.linalg.norm(y, 2)  # shift for stability
+    # shift for stability: √p·ε·‖Y‖₂, with ‖Y‖₂ from the r×r Gram matrix — jnp.linalg.norm(Y, 2)
+    # (and svd(compute_uv=False)) of a tall (p, r) matrix allocates p×p on XLA's CPU backend:
+    # 80 GB at p = 10⁵ (measured; tests/test_solvers.py checks the compiled memory)
+    top = jnp.linalg.eigvalsh(y.T @ y)[-1]
+    nu = jnp.sqrt(y.shape[0]) * eps * jnp.sqrt(jnp.maximum(top, 0.0))
     y_nu = y + nu * omega
     core = omega.T @ y_nu
     c = jnp.linalg.cholesky(0.5 * (core + core.T))  # Ω^T Y_ν = C C^T (lower)
