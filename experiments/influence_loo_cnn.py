@@ -128,7 +128,7 @@ def run(*, n_train, features, dense, l2, adam_epochs, adam_lr, batch_size, lbfgs
                 curvature_kind=kind, **opts))
             seconds[label] = time.perf_counter() - t
         first = backends[0]
-        points, t = [], time.perf_counter()
+        rows, drift, t = [], [], time.perf_counter()
         for j, tidx in enumerate(chosen):
             progress(f"retrain from θ̃ without each of {top} points (test point {j + 1})")
             idx = np.argsort(-np.abs(preds[first][j]))[:top]
@@ -139,12 +139,11 @@ def run(*, n_train, features, dense, l2, adam_epochs, adam_lr, batch_size, lbfgs
             tl = np.asarray(jax.vmap(lambda p, j=j: cross_entropy(
                 apply(p, xt[j:j + 1]), yt[j:j + 1])[0])(stacked))
             for r, i in enumerate(idx):
-                points.append({"test_index": int(tidx), "train_id": str(tr.ids[i]),
+                rows.append({"test_index": int(tidx), "train_id": str(tr.ids[i]),
                                "actual": float(tl[r] - tl[top]),
                                **{f"pred_{b}": float(preds[b][j, i]) for b in backends}})
-            points.append({"test_index": int(tidx), "control_drift": float(tl[top] - losses[tidx])})
+            drift.append(float(tl[top] - losses[tidx]))  # θ̃'s own drift over the retrain
         retrain_s = time.perf_counter() - t
-    rows = [p for p in points if "actual" in p]
     actual = np.array([p["actual"] for p in rows])
     pearson = {b: float(np.corrcoef(actual, [p[f"pred_{b}"] for p in rows])[0, 1])
                for b in backends}
@@ -152,8 +151,7 @@ def run(*, n_train, features, dense, l2, adam_epochs, adam_lr, batch_size, lbfgs
     # the retrain's change (Pearson r ignores scale)
     slope = {b: float(np.polyfit([p[f"pred_{b}"] for p in rows], actual, 1)[0])
              for b in backends}
-    return {"points": rows, "control_drift": [p["control_drift"] for p in points
-                                              if "control_drift" in p],
+    return {"points": rows, "control_drift": drift,
             "pearson": pearson, "slope": slope, "paper_pearson": PAPER_PEARSON,
             "test_indices": chosen.tolist(), "test_losses": losses[chosen].tolist(),
             "n_train": len(tr), "num_params": models.num_params({"params": star["params"]}),
