@@ -44,13 +44,8 @@ from unlearn.engine import (  # noqa: F401 (the data-order rule lives in the eng
     epoch_order,
     key_seed,
 )
-from unlearn.models import Model, ensemble_apply, frozen_apply
-from unlearn.objective import (  # noqa: F401 (re-exported)
-    cross_entropy,
-    example_losses,
-    l2_norm_sq,
-    objective,
-)
+from unlearn.models import Model, frozen_apply
+from unlearn.objective import example_losses, l2_norm_sq, objective  # noqa: F401 (re-exported)
 
 Params = Any
 SOLVERS = ("sgd", "lbfgs")
@@ -291,17 +286,11 @@ def fit_lbfgs(model: Model, data: Dataset, cfg: TrainConfig, params, w) -> Fit:
 
 @functools.partial(jax.jit, static_argnames=("apply", "steps"))
 def _descend_members(apply, params, x, y, weights, l2, lr, momentum, steps):
-    s = weights.shape[0]
-    xs = jnp.broadcast_to(x, (s,) + x.shape)
-    ys = jnp.broadcast_to(y, (s,) + y.shape)
-
     def total(stacked):
         # Members are independent, so the gradient of the summed objectives is each member's
-        # own gradient: one batched forward/backward pass for all of them.
-        ce = cross_entropy(apply(stacked, xs), ys)
-        data = jnp.sum(weights * ce, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
-        reg = sum(jnp.sum(a.reshape(s, -1) ** 2, 1) for a in jax.tree.leaves(stacked))
-        return jnp.sum(data + 0.5 * l2 * reg)
+        # own gradient: the one objective, vmapped over the member axis (the data is shared).
+        each = jax.vmap(lambda p, w: objective(apply, p, x, y, w, l2))(stacked, weights)
+        return jnp.sum(each)
 
     def body(carry, _):
         p, v = carry
@@ -324,9 +313,9 @@ def descend_members(model: Model, variables: Params, x, y, weights, *, l2: float
     Deterministic and smooth in the weights, so two members that differ by one zero weight
     differ only by that example's effect: Koh & Liang's (2017, §5.1) protocol for a non-convex
     model — leave one point out and *retrain from* θ̃ — with a control member (all weights 1)
-    whose drift is subtracted. Members run as one batched program
-    (:func:`unlearn.models.ensemble_apply`: im2col for the plain CNN, ``vmap`` for dense models),
-    so the scan holds no convolution op. Eval-mode apply: models with BatchNorm are refused.
+    whose drift is subtracted. Members run as one batched program: :func:`objective` ``vmap``-ed
+    over the member axis with the eval-mode :func:`unlearn.models.frozen_apply` (on CPU the plain
+    CNN's im2col form, so the scan holds no convolution op). Models with BatchNorm are refused.
     """
     if engine.has_state(model):
         raise ValueError(f"descend_members trains full batch in eval mode; {model.name} carries "
@@ -338,7 +327,9 @@ def descend_members(model: Model, variables: Params, x, y, weights, *, l2: float
         raise ValueError(f"steps={steps!r}: pass a positive integer.")
     dtype = jax.tree.leaves(variables)[0].dtype
     stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (w.shape[0],) + a.shape), variables)
-    out = _descend_members(ensemble_apply(model), stacked, jnp.asarray(x, dtype),
+    apply = frozen_apply(model, {})
+    apply = engine.static_apply(model) if apply is model.apply else apply
+    out = _descend_members(apply, stacked, jnp.asarray(x, dtype),
                            jnp.asarray(y), w.astype(dtype), l2, lr, momentum, steps)
     _check_finite(out, "descend_members")
     return out
