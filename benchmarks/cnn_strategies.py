@@ -14,8 +14,12 @@ strategies' epochs run interleaved round-robin, so a change of load hits them al
 
 Strategies (one optimiser step of all S members per call unless noted):
 
-- ``unroll``: the project's CPU strategy: the member axis unrolled inside one jit (S
-  independent conv programs), Python loop of steps.
+- ``engine``: the project's own code path, ``engine.run`` with its automatic strategy (on
+  CPU ``fused`` for this model: ``vmap`` of the im2col form, the same arithmetic as the
+  ``fused`` row below, plus the engine's host-side schedule handling).
+- ``unroll``: the engine's CPU strategy for conv nets before ``fused`` (still its ``loop``
+  strategy for the CNN with dropout and the ResNets): the member axis unrolled inside one jit
+  (S independent conv programs), Python loop of steps.
 - ``loop``: one jitted single-model step called S times per step (Python loop over members).
 - ``vmap``: ``jax.vmap`` of the single-model step (XLA turns it into grouped convolutions).
 - ``fused``: ``models.ensemble_apply``: every conv as im2col patches × kernel, one batched
@@ -56,7 +60,7 @@ FLAG_SETS = {
 }
 # (flag set, strategies) in the order they run
 PLAN = [
-    ("default", ["unroll", "loop", "vmap", "fused", "unroll_nchw"]),
+    ("default", ["engine", "unroll", "loop", "vmap", "fused", "unroll_nchw"]),
     ("onednn", ["unroll", "loop", "fused"]),
     ("xnn_greedy", ["unroll", "fused"]),
 ]
@@ -167,6 +171,22 @@ def build_step(strategy: str, model, opt):
             u, St = jax.vmap(opt.update)(g, St, P)
             return optax.apply_updates(P, u), St, losses
         return jax.jit(step, donate_argnums=(0, 1))
+    if strategy == "engine":  # the project's code path: engine.run, its automatic strategy
+        from unlearn import engine
+
+        data = engine.Data(None, None, jnp.zeros(N, jnp.uint32))
+        keys = jax.random.split(jax.random.key(0), S)
+        aux = {"l2": jnp.zeros(S, jnp.float32)}
+        one_step = (np.ones((S, 1), bool), np.zeros((S, 1), np.float32),
+                    np.zeros((S, 1), np.int32), np.zeros((S, 1), np.int32))
+
+        def step(M, St, x, y, idx, w):
+            sched = engine.Schedule((np.asarray(idx)[:, None],), (np.asarray(w)[:, None],),
+                                    *one_step)
+            M, losses = engine.run(model, M, data._replace(x=x, y=y), sched, keys=keys,
+                                   aux=aux, optimizer="adam", dtype="float32")
+            return M, St, losses[:, 0]
+        return step
     if strategy == "loop":
         single = jax.jit(lambda p, o, x, y, i, wb: one(p, o, x[i], y[i], wb))
 
@@ -198,6 +218,10 @@ def run_jax(strategies: list[str], epochs: int) -> dict:
 
     def fresh(strategy):
         P, St = init(keys)
+        if strategy == "engine":
+            from unlearn import engine
+
+            return engine.init_members(P, "adam", LR), None
         if strategy == "loop":
             P = [jax.tree.map(lambda a, s=s: a[s], P) for s in range(S)]
             St = [jax.tree.map(lambda a, s=s: a[s], St) for s in range(S)]

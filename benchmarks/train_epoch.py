@@ -6,9 +6,10 @@ Command: ``python -m benchmarks.train_epoch`` (about 1–2 minutes on 2 CPU core
 docs/architecture.md ("The engine") records why: on CPU a convolution inside any XLA loop runs
 ~20× slower than at the top level of a jitted function, and a ``vmap``-ed convolution becomes a
 slow grouped convolution, while dense models scan and vmap well. ``engine.resolve_strategy``
-picks the strategy (``auto``: ``loop`` for conv models on CPU, ``scan`` otherwise); this script
-times one epoch of ``train.fit`` under each strategy for logreg, MLP and CNN, and reports which
-``auto`` picked. The second table trains 8 learning rates as ONE ensemble
+picks the strategy (``auto`` on CPU: ``fused`` — vmap of the im2col form — for the plain CNN,
+``loop`` for other conv models, ``scan`` otherwise); this script times one epoch of
+``train.fit`` under each strategy for logreg, MLP and CNN (``fused`` for the CNN only), and
+reports which ``auto`` picked. The second table trains 8 learning rates as ONE ensemble
 (``train.train_grid``) against one model of the same size, on the same data.
 """
 
@@ -40,12 +41,13 @@ def main() -> None:
     for name, m in settings:
         p0 = train.init_params(m, ds, key)
         t = {}
-        for strat in ("scan", "loop"):
+        for strat in ("scan", "loop") + (("fused",) if m.has_conv else ()):
             c = dataclasses.replace(cfg, strategy=strat)
             t[strat] = best_time(
                 lambda c=c, m=m, p0=p0: train.fit(m, ds, c, key, params=p0).params, repeat=5)
         auto = engine.resolve_strategy(m, "auto")
-        rows.append((name, len(ds), t["scan"], t["loop"], auto, t[auto] / min(t.values())))
+        rows.append((name, len(ds), t["scan"], t["loop"], t.get("fused"), auto,
+                     t[auto] / min(t.values())))
 
     grid = np.geomspace(1e-4, 1e-2, 8)
     grid_rows = []
@@ -61,10 +63,13 @@ def main() -> None:
              f"end (a shared machine: compare ratios within one run). One epoch of mnist1d "
              f"(n={len(ds)}, batch 128) through `train.fit` (the engine, one member), best of "
              f"5 after a warm-up.", "",
-             "| model | n | scan (s) | loop of jitted steps (s) | auto picks | auto / best |",
-             "|---|---|---|---|---|---|"]
+             "| model | n | scan (s) | loop of jitted steps (s) | fused (im2col, s) | "
+             "auto picks | auto / best |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]} | {r[5]:.2f} |")
+        fused = "–" if r[4] is None else f"{r[4]:.3f}"
+        lines.append(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {fused} | {r[5]} | "
+                     f"{r[6]:.2f} |")
     lines += ["", "Learning-rate grid on the member axis: 8 learning rates (1e-4 … 1e-2) trained "
               "as one ensemble (`train.train_grid`, one shared schedule: one gather and one "
               "wide matmul per layer) vs one model, one epoch each, best of 7 (target ≤ 1.5×).",

@@ -116,7 +116,7 @@ def test_grid_members_equal_separate_fits(digits, x64):
     assert not np.allclose(flat(engine.unstack(stacked, 0)), flat(engine.unstack(stacked, 2)))
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "fused"])
 def test_strategies_agree_with_scan_on_padded_members(digits, strategy, x64):
     """Members of different sizes (no-op steps) give the same result under every strategy
     (float64, the same per-member arithmetic: 1e-10)."""
@@ -131,6 +131,21 @@ def test_strategies_agree_with_scan_on_padded_members(digits, strategy, x64):
     b = engine.train_members(m, digits.x, digits.y, h, keys, strategy=strategy, **kw)
     np.testing.assert_allclose(flat(a.members.params), flat(b.members.params), rtol=1e-10,
                                atol=1e-12)
+
+
+def test_auto_strategy_fuses_the_plain_cnn_only_and_refuses_fused_elsewhere():
+    """On CPU ``auto`` picks the im2col ``fused`` form for the plain CNN, ``loop`` for conv
+    models without one (dropout, BatchNorm ResNets), ``scan`` for dense models; asking for
+    ``fused`` on a model without the im2col form is an error naming the alternatives."""
+    assert jax.default_backend() == "cpu"
+    assert engine.resolve_strategy(models.cnn(10, image_shape=(8, 8, 1))) == "fused"
+    assert engine.resolve_strategy(models.cnn(10, features=(4,), dense=8)) == "fused"
+    assert engine.resolve_strategy(models.cnn(10, dropout=0.5)) == "loop"
+    assert engine.resolve_strategy(models.resnet9(10, width=8)) == "loop"
+    assert engine.resolve_strategy(models.mlp(10, (8,))) == "scan"
+    for m in (models.cnn(10, dropout=0.5), models.resnet9(10, width=8), models.mlp(10, (8,))):
+        with pytest.raises(ValueError, match="strategy='fused' needs the plain CNN"):
+            engine.resolve_strategy(m, "fused")
 
 
 def test_noop_steps_leave_a_member_untouched(digits):

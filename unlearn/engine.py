@@ -41,10 +41,14 @@ rate never recompiles.
   one jitted step (S independent convolutions in one program): XLA's CPU backend runs a
   convolution inside any loop ~20× slower and a ``vmap``-ed convolution as a slow grouped
   convolution (conv nets on CPU);
-* ``vmap``: a Python loop of jitted ``vmap``-ed steps (conv nets on GPU/TPU).
+* ``vmap``: a Python loop of jitted ``vmap``-ed steps (conv nets on GPU/TPU);
+* ``fused``: ``vmap`` with the plain CNN's convolutions written as im2col patches times
+  kernels (:func:`unlearn.models.frozen_apply`'s convolution-free form), so ``vmap`` turns
+  each layer into ONE batched matmul over the member axis instead of a grouped convolution
+  (the plain CNN on CPU: 1.2–1.3× ``loop`` in ``benchmarks/cnn_strategies.py``).
 
-``auto`` picks ``loop`` for conv models on CPU, ``vmap`` for conv models elsewhere, ``scan``
-otherwise.
+``auto`` picks ``fused`` for the plain CNN on CPU, ``loop`` for other conv models on CPU
+(dropout, BatchNorm ResNets), ``vmap`` for conv models elsewhere, ``scan`` otherwise.
 
 **One compile cache** (:func:`_program`), keyed on static configuration only: the model's
 hashable identity (:func:`model_key`: its name and linen module, never a fresh closure), the
@@ -78,7 +82,7 @@ from unlearn.objective import objective
 
 Params = Any
 
-STRATEGIES = ("auto", "scan", "loop", "vmap")
+STRATEGIES = ("auto", "scan", "loop", "vmap", "fused")
 OPTIMIZERS = ("adam", "sgd", "momentum")
 
 
@@ -411,8 +415,9 @@ def _member_step(prog: Program, model, opt, carry, aux, gmask, key, x, y, hashes
     idxs, ws, active, progress, epoch, batch = sched
     params, opt_state, mstate = carry
     rng = jax.random.fold_in(jax.random.fold_in(key, epoch), batch)
-    stateful = bool(mstate) or _takes(model.apply, "train")
-    with_mask = stateful and _takes(model.apply, "mask")
+    apply = _fused_apply(model) if prog.strategy == "fused" else model.apply
+    stateful = bool(mstate) or _takes(apply, "train")
+    with_mask = stateful and _takes(apply, "mask")
     batches = []
     for i, w in zip(idxs, ws):
         xb = x[i]
@@ -428,12 +433,12 @@ def _member_step(prog: Program, model, opt, carry, aux, gmask, key, x, y, hashes
                 kw = {}
                 if with_mask:  # padding rows (weight 0) stay out of batch statistics
                     kw["mask"] = next((b.w > 0 for b in batches if b.x is xx), None)
-                out = model.apply(merge_variables(pp, mstate), xx, train=True, rng=rng, **kw)
+                out = apply(merge_variables(pp, mstate), xx, train=True, rng=rng, **kw)
                 if isinstance(out, tuple):
                     out, new = out
                     states.append(new)
                 return out
-            return model.apply(merge_variables(pp, mstate) if pp is p else pp, xx)
+            return apply(merge_variables(pp, mstate) if pp is p else pp, xx)
 
         value = prog.loss(fwd, p, aux, progress, *batches)
         return value, (states[-1] if states else mstate)
@@ -476,7 +481,7 @@ def _program(prog: Program, model) -> Callable:
             return jax.lax.scan(lambda c, st: vstep(c, aux, gmask, keys, x, y, hashes, st),
                                 carry, sched)
 
-    elif prog.strategy == "vmap":
+    elif prog.strategy in ("vmap", "fused"):
         def run(carry, aux, gmask, keys, x, y, hashes, sched):
             count()
             return vstep(carry, aux, gmask, keys, x, y, hashes, sched)
@@ -495,14 +500,43 @@ def _program(prog: Program, model) -> Callable:
     return fn
 
 
+def _fusable(model) -> bool:
+    """Whether the model has the convolution-free im2col form (the plain CNN)."""
+    from unlearn import models
+
+    return isinstance(model, models.Model) and models._fusable_cnn(model)
+
+
+def _fused_apply(model) -> Callable:
+    """``apply(variables, x, *, train=False, rng=None)`` of the plain CNN in its im2col form
+    (no dropout, no state: train mode is eval mode)."""
+    from unlearn import models
+
+    return _fused_cached(models._loop_friendly_apply(model))
+
+
+@functools.cache
+def _fused_cached(im2col: Callable) -> Callable:
+    def apply(variables, x, *, train: bool = False, rng=None):
+        return im2col(variables, x)
+
+    return apply
+
+
 def resolve_strategy(model, strategy: str = "auto") -> str:
-    """``scan``, ``loop`` or ``vmap`` (module docstring); ``auto`` picks by model and backend."""
+    """``scan``, ``loop``, ``vmap`` or ``fused`` (module docstring); ``auto`` picks by model
+    and backend."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: choose one of {STRATEGIES}.")
+    if strategy == "fused" and not _fusable(model):
+        raise ValueError(f"strategy='fused' needs the plain CNN (models.cnn without dropout); "
+                         f"got {getattr(model, 'name', model)!r}. Use 'loop' or 'vmap'.")
     if strategy != "auto":
         return strategy
     if getattr(model, "has_conv", False):
-        return "loop" if jax.default_backend() == "cpu" else "vmap"
+        if jax.default_backend() != "cpu":
+            return "vmap"
+        return "fused" if _fusable(model) else "loop"
     return "scan"
 
 
@@ -613,8 +647,10 @@ def stacked_apply(model_or_apply, stacked: Params, x: jax.Array, strategy: str =
     (conv nets on CPU), anything else vmaps.
     """
     if hasattr(model_or_apply, "apply"):
-        unroll = resolve_strategy(model_or_apply, strategy) == "loop"
-        fn = static_apply(model_or_apply)
+        strategy = resolve_strategy(model_or_apply, strategy)
+        unroll = strategy == "loop"
+        fn = (_fused_apply(model_or_apply) if strategy == "fused"
+              else static_apply(model_or_apply))
     else:
         unroll = strategy == "loop"
         fn = model_or_apply
