@@ -26,6 +26,24 @@ from benchmarks._common import best_time, write_section
 from unlearn import data, engine, models, train
 
 
+def matmul_peak(n: int = 2048) -> float:
+    """GFLOP/s of one float32 n×n matmul on this machine (best of 10): the compute ceiling."""
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    return 2 * n**3 / best_time(lambda: f(a), repeat=10) / 1e9
+
+
+def epoch_flop(n: int, d: int, hidden: tuple[int, ...], k: int) -> float:
+    """Matmul FLOPs of one training epoch of a dense MLP: forward, the weight gradient of
+    every layer and the input gradient of every layer but the first (the data needs none),
+    2 FLOPs per multiply-add."""
+    widths = (d, *hidden, k)
+    layers = [a * b for a, b in zip(widths[:-1], widths[1:])]
+    return 2 * n * (3 * sum(layers) - layers[0])
+
+
 def main() -> None:
     """Time one epoch per (model, strategy) and the 8-point LR grid; print and record."""
     mnist1d = data.load("mnist1d")
@@ -50,12 +68,15 @@ def main() -> None:
                      t[auto] / min(t.values())))
 
     grid = np.geomspace(1e-4, 1e-2, 8)
+    peak = matmul_peak()
     grid_rows = []
-    for name, m in (("mlp 40-256-256-10", models.mlp(10, (256, 256))),
-                    ("mlp 40-128-10", models.mlp(10, (128,)))):
+    for name, hidden in (("mlp 40-256-256-10", (256, 256)), ("mlp 40-128-10", (128,))):
+        m = models.mlp(10, hidden)
         one = best_time(lambda m=m: train.fit(m, ds, cfg, key).params, repeat=7)
         eight = best_time(lambda m=m: train.train_grid(m, ds, cfg, key, lr=grid)[0], repeat=7)
-        grid_rows.append((name, one, eight, eight / one))
+        flop = 8 * epoch_flop(len(ds), ds.x.shape[1], hidden, 10)
+        grid_rows.append((name, one, eight, eight / one, flop / eight / 1e9,
+                          flop / (peak * 1e9) / one))
 
     load = os.getloadavg()[0]
     lines = [f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, backend "
@@ -72,11 +93,16 @@ def main() -> None:
                      f"{r[6]:.2f} |")
     lines += ["", "Learning-rate grid on the member axis: 8 learning rates (1e-4 … 1e-2) trained "
               "as one ensemble (`train.train_grid`, one shared schedule: one gather and one "
-              "wide matmul per layer) vs one model, one epoch each, best of 7 (target ≤ 1.5×).",
-              "", "| model | one model (s) | 8 LRs as one ensemble (s) | ratio |",
-              "|---|---|---|---|"]
+              "wide matmul per layer) vs one model, one epoch each, best of 7 (target ≤ 1.5×). "
+              "The compute floor: the ensemble's matmul FLOPs (forward, weight and input "
+              f"gradients) at this machine's float32 matmul peak, {peak:.0f} GFLOP/s (one "
+              "2048² matmul, best of 10, same run), as a multiple of the one-model time; no "
+              "implementation on this CPU can go below it.", "",
+              "| model | one model (s) | 8 LRs as one ensemble (s) | ratio | ensemble GFLOP/s "
+              "| floor at peak (× one model) |", "|---|---|---|---|---|---|"]
     for r in grid_rows:
-        lines.append(f"| {r[0]} | {r[1]:.4f} | {r[2]:.4f} | {r[3]:.2f}× |")
+        lines.append(f"| {r[0]} | {r[1]:.4f} | {r[2]:.4f} | {r[3]:.2f}× | {r[4]:.0f} | "
+                     f"{r[5]:.2f}× |")
     table = "\n".join(lines)
     print(table)
     write_section("train_epoch", "## Training engine (`benchmarks/train_epoch.py`)\n\n" + table)
