@@ -70,8 +70,9 @@ def main() -> None:
     grid = np.geomspace(1e-4, 1e-2, 8)
     peak = matmul_peak()
     grid_rows = []
-    for name, hidden in (("mlp 40-256-256-10", (256, 256)), ("mlp 40-128-10", (128,))):
-        m = models.mlp(10, hidden)
+    for name, hidden in (("mlp 40-256-256-10", (256, 256)), ("mlp 40-128-10", (128,)),
+                         ("logreg 40-10", ())):
+        m = models.mlp(10, hidden) if hidden else models.logreg(10)
         one = best_time(lambda m=m: train.fit(m, ds, cfg, key).params, repeat=7)
         eight = best_time(lambda m=m: train.train_grid(m, ds, cfg, key, lr=grid)[0], repeat=7)
         flop = 8 * epoch_flop(len(ds), ds.x.shape[1], hidden, 10)

@@ -626,6 +626,13 @@ def _lissa_fn(fn, apply, batch):
     return functools.partial(_lissa_hvp, fn, apply, batch)
 
 
+@jax.jit
+def _batched_residual(op: Any, xs: Array, rhs: Array) -> Array:
+    """True relative residual of every row, one compiled batched product (``op`` is a
+    ``Partial``, traced as data; eagerly each primitive of the product compiles on its own)."""
+    return jax.vmap(lambda xx, bb: solvers._rel_residual(op, xx, bb))(xs, rhs)
+
+
 def inverse_hvp(inv: InverseCurvature, rhs: Array) -> solvers.Solution:
     r"""Apply a prepared :class:`InverseCurvature` to the rows of ``rhs`` (``(m, p)``) in one
     batched computation; the :class:`solvers.Solution` carries per-row iterations and the
@@ -658,7 +665,7 @@ def inverse_hvp(inv: InverseCurvature, rhs: Array) -> solvers.Solution:
         xs = _lissa_batched(hv, rhs, jnp.asarray(o["scale"], rhs.dtype), keys,
                             depth=o["depth"])
         its, method = zeros + o["depth"], "lissa"
-    res = jax.vmap(lambda xx, bb: solvers._rel_residual(inv.op, xx, bb))(xs, rhs)
+    res = _batched_residual(inv.op, xs, rhs)
     tol = o.get("tol") or (1e-8 if rhs.dtype == jnp.float64 else 1e-4)
     exact = method == "cholesky"
     conv = (res <= tol) if exact else jnp.all(jnp.isfinite(xs), axis=1)
