@@ -40,8 +40,10 @@ Execution strategies. ``vmap``: one jitted ``lax.scan`` over the steps of an epo
 ``vmap``-ed masked step (dense models; every model on GPU). ``unroll``: XLA's CPU backend turns
 a vmapped convolution into a slow grouped convolution and runs convolutions inside loops ~20×
 slower, so for conv nets on CPU the shard axis is unrolled at trace time inside ONE jitted step
-(S independent convolutions in one program) and the steps run as a Python loop. ``auto`` picks
-``unroll`` for conv models on CPU and ``vmap`` otherwise. A ``jax.sharding.Mesh`` places the
+(S independent convolutions in one program) and the steps run as a Python loop. ``fused``: the
+plain CNN on CPU in its im2col form, ``vmap``-ed (one batched matmul per layer over the shards;
+1.2× ``unroll`` in ``benchmarks/cnn_strategies.py``). ``auto`` picks ``fused`` for the plain
+CNN on CPU, ``unroll`` for other conv models on CPU and ``vmap`` otherwise. A ``jax.sharding.Mesh`` places the
 stacked shard axis on a mesh axis (``NamedSharding``) so shards train in parallel on devices.
 
 Persistent model: ``python -m unlearn.sisa train|forget|predict|verify|status`` over a model

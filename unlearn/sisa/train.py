@@ -4,8 +4,9 @@ See the package docstring (:mod:`unlearn.sisa`) for incremental training and exa
 S shard models are the members of one :mod:`unlearn.engine` ensemble: every stage of every
 shard is a call of the engine's jitted epoch with per-shard schedules (a shard with fewer
 batches, or not retrained by a request, takes no-op steps). The engine's strategy is chosen
-by model and backend (``scan`` for dense models, ``loop`` — the shard axis unrolled inside
-one jitted step — for convolutions on CPU, ``vmap`` on GPU); SISA's historical name
+by model and backend (``scan`` for dense models, ``fused`` — the im2col form vmapped — for
+the plain CNN on CPU, ``loop`` — the shard axis unrolled inside one jitted step — for other
+convolutions on CPU, ``vmap`` on GPU); SISA's historical name
 ``unroll`` means ``loop``. A ``jax.sharding.Mesh`` lays the shard axis on devices.
 
 Checkpoints are ``(variables, opt_state)`` stacked (R+1, S): ``variables`` carries the
