@@ -121,18 +121,12 @@ def plot(payload: dict, outdir) -> list:
     solvers = payload["config"]["solvers"]
     actual = np.array([p["actual"] for p in res["points"]])
     print({k: round(v, 4) for k, v in res["pearson"].items()})
+    names = {"exact": "exact Hessian"}
+    panels = [(f"{names.get(s, 'CG (HVP)')}: Pearson r = {res['pearson'][s]:.3f}",
+               [p[f"pred_{s}"] for p in res["points"]]) for s in solvers]
     with plotting.style() as plt:
-        fig, axes = plt.subplots(1, len(solvers), figsize=(3.4 * len(solvers), 3.2),
-                                 squeeze=False)
-        for ax, s in zip(axes[0], solvers, strict=True):
-            pred = np.array([p[f"pred_{s}"] for p in res["points"]])
-            ax.scatter(actual, pred, s=10, color=plotting.method_style("influence")["color"])
-            lim = [min(actual.min(), pred.min()), max(actual.max(), pred.max())]
-            ax.plot(lim, lim, color="grey", lw=0.8, ls="--")
-            name = "exact Hessian" if s == "exact" else "CG (HVP)"
-            ax.set_title(f"{name}: Pearson r = {res['pearson'][s]:.3f}")
-            ax.set_xlabel("actual Δ test loss (retrain without z)")
-            ax.set_ylabel("predicted Δ test loss")
+        fig = plotting.prediction_panels(plt, actual, panels,
+                                         xlabel="actual Δ test loss (retrain without z)")
         cfg = payload["config"]
         what = cfg["dataset"]
         if res.get("classes"):

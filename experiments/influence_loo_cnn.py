@@ -166,17 +166,11 @@ def plot(payload: dict, outdir) -> list:
     backends = cfg["backends"]
     actual = np.array([p["actual"] for p in res["points"]])
     print({k: round(v, 4) for k, v in res["pearson"].items()})
+    panels = [(f"{b}: r = {res['pearson'][b]:.3f}", [p[f"pred_{b}"] for p in res["points"]])
+              for b in backends]
     with plotting.style() as plt:
-        fig, axes = plt.subplots(1, len(backends), figsize=(3.4 * len(backends), 3.3),
-                                 squeeze=False)
-        for ax, b in zip(axes[0], backends, strict=True):
-            pred = np.array([p[f"pred_{b}"] for p in res["points"]])
-            ax.scatter(actual, pred, s=10, color=plotting.method_style("influence")["color"])
-            ax.axhline(0, color="grey", lw=0.5)
-            ax.axvline(0, color="grey", lw=0.5)
-            ax.set_title(f"{b}: r = {res['pearson'][b]:.3f}")
-            ax.set_xlabel("actual Δ test loss (retrain from θ̃)")
-            ax.set_ylabel("predicted Δ test loss")
+        fig = plotting.prediction_panels(plt, actual, panels, diagonal=False, height=3.3,
+                                         xlabel="actual Δ test loss (retrain from θ̃)")
         fig.suptitle(f"Non-convex leave-one-out: tanh CNN ({res['num_params']:,} params) on "
                      f"mnist5k, n={res['n_train']}, damping {cfg['damping']:g}; "
                      f"Koh & Liang 2017: r = {res['paper_pearson']}", y=1.03)

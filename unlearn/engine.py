@@ -508,19 +508,12 @@ def _fusable(model) -> bool:
 
 
 def _fused_apply(model) -> Callable:
-    """``apply(variables, x, *, train=False, rng=None)`` of the plain CNN in its im2col form
-    (no dropout, no state: train mode is eval mode)."""
+    """``apply(variables, x)`` of the plain CNN in its im2col form (memoised per model). It
+    takes no ``train``: the plain CNN has no dropout and no state, so the step calls it in
+    eval mode, which is its train mode."""
     from unlearn import models
 
-    return _fused_cached(models._loop_friendly_apply(model))
-
-
-@functools.cache
-def _fused_cached(im2col: Callable) -> Callable:
-    def apply(variables, x, *, train: bool = False, rng=None):
-        return im2col(variables, x)
-
-    return apply
+    return models._loop_friendly_apply(model)
 
 
 def resolve_strategy(model, strategy: str = "auto") -> str:

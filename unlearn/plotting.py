@@ -47,6 +47,31 @@ def style():
         yield plt
 
 
+def prediction_panels(plt, actual, panels: list[tuple[str, object]], *, xlabel: str,
+                      ylabel: str = "predicted Δ test loss", diagonal: bool = True,
+                      height: float = 3.2):
+    """One scatter panel per ``(title, predicted)`` pair against the same ``actual`` values (a
+    leave-one-out figure); reference lines y = x (``diagonal``) or the two axes. Returns the
+    figure."""
+    import numpy as np
+
+    actual = np.asarray(actual)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), height), squeeze=False)
+    for ax, (title, pred) in zip(axes[0], panels, strict=True):
+        pred = np.asarray(pred)
+        ax.scatter(actual, pred, s=10, color=method_style("influence")["color"])
+        if diagonal:
+            lim = [min(actual.min(), pred.min()), max(actual.max(), pred.max())]
+            ax.plot(lim, lim, color="grey", lw=0.8, ls="--")
+        else:
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.axvline(0, color="grey", lw=0.5)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    return fig
+
+
 def savefig(fig, path: str | Path, *, pdf: bool = True) -> list[Path]:
     """Save ``fig`` as ``path`` (.png) and, with ``pdf``, a .pdf beside it; close it."""
     import matplotlib.pyplot as plt
