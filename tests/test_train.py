@@ -45,6 +45,8 @@ def test_lbfgs_oracle_matches_sklearn(x64):
 
     g_ours, g_sk = grad_norm(w_ours), grad_norm(w_sk)
     assert g_ours <= cfg.tol and g_sk <= 1e-6, (g_ours, g_sk)
+    # the reported norm (the line search's stored gradient) is the true one at the result
+    assert abs(fit.info["grad_norm"] - g_ours) <= 1e-6 * g_ours, (fit.info["grad_norm"], g_ours)
     bound = (g_ours + g_sk) / lam
     assert np.linalg.norm(w_ours - w_sk) <= bound, (np.linalg.norm(w_ours - w_sk), bound)
 
