@@ -17,8 +17,10 @@ after a warm-up (compiles excluded):
   the Newton result has (same first-order accuracy).
 
 Relative distance ‖θ − θ_r‖/‖θ* − θ_r‖ is reported for each, so "same accuracy" can be read
-off. The CG tolerance defaults to 1e-4 (relative residual): at both sizes 1e-8 gave the same
-distances to four digits with twice the iterations (RESULTS.md), so it over-solves. Usage: ``python benchmarks/newton.py`` (~8 min on 2 CPU cores) or ``--quick``.
+off. The CG tolerance defaults to 1e-4 (relative residual): with it the CG results are no
+further from the retrained optimum than the exact Newton step (the table), while 1e-8 took
+twice the iterations for no gain in that distance (stop 22's tables), so it over-solves.
+Usage: ``python benchmarks/newton.py`` (~4 min on 2 CPU cores) or ``--quick``.
 ``--d 9999 --n 10000`` gives p = 100 000, where the exact path (an 80 GB Hessian) is skipped.
 Writes its table between ``<!-- newton -->`` (``<!-- newton_p1e5 -->`` for p > 20 000)
 markers in ``benchmarks/RESULTS.md``.
@@ -140,13 +142,16 @@ def main(argv=None) -> str:
         "dist retrain | pcg it | cg it | L-BFGS it |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    def f(v, spec, unit=""):  # a skipped measurement (NaN) shows as a dash
+        return "–" if np.isnan(v) else f"{v:{spec}}{unit}"
+
     for r in rows:
         lines.append(
-            f"| {r['k']} | {r['t_nx']:.3f} | {r['t_pc']:.3f} | {r['t_cg']:.3f} | "
-            f"{r['t_rt']:.3f} | {r['t_rt'] / r['t_nx']:.1f}× | {r['t_rt'] / r['t_pc']:.1f}× | "
-            f"{r['t_rt'] / r['t_cg']:.1f}× | {r['d_nx']:.2e} | {r['d_pc']:.2e} | "
-            f"{r['d_cg']:.2e} | {r['d_rt']:.2e} | {r['it_pc']} | {r['it_cg']} | "
-            f"{r['it_rt']} |")
+            f"| {r['k']} | {f(r['t_nx'], '.3f')} | {r['t_pc']:.3f} | {r['t_cg']:.3f} | "
+            f"{r['t_rt']:.3f} | {f(r['t_rt'] / r['t_nx'], '.1f', '×')} | "
+            f"{r['t_rt'] / r['t_pc']:.1f}× | {r['t_rt'] / r['t_cg']:.1f}× | "
+            f"{f(r['d_nx'], '.2e')} | {r['d_pc']:.2e} | {r['d_cg']:.2e} | {r['d_rt']:.2e} | "
+            f"{r['it_pc']} | {r['it_cg']} | {r['it_rt']} |")
     lines.append("")
     lines.append(
         "Exact: a request from θ* costs the removed points' gradients, three passes over the "

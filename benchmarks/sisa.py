@@ -5,9 +5,10 @@ small embedded set only, ~1 min).
 
 1. Training an S-shard ensemble (S = 8, 16; R = 1; same epochs) three ways: the batched SISA
    trainer (``unlearn.sisa.train``: vmap for dense models, for the CNN on CPU its im2col form
-   vmapped over the shard axis, the engine's ``fused`` strategy), a Python loop over shards each trained with ``train.py``'s own
-   compiled single-model epoch (``sisa.train_loop``), and one model on all data
-   (``train.fit``). Compiles are warmed up first; each time is the median of ``REPEATS``.
+   vmapped over the shard axis, the engine's ``fused`` strategy), a Python loop over shards
+   each trained with ``train.py``'s own compiled single-model epoch (``sisa.train_loop``),
+   and one model on all data (``train.fit``). Compiles are warmed up first; each time is the
+   median of ``REPEATS``.
 2. Forgetting one random point with S = 8, R = 4 (MLP): example-gradients recomputed vs full
    retraining of the one model, and wall time vs retraining the one model and the whole
    ensemble. Mean over ``FORGETS`` random points.

@@ -43,8 +43,9 @@ slower, so for conv nets on CPU the shard axis is unrolled at trace time inside 
 (S independent convolutions in one program) and the steps run as a Python loop. ``fused``: the
 plain CNN on CPU in its im2col form, ``vmap``-ed (one batched matmul per layer over the shards;
 1.2× ``unroll`` in ``benchmarks/cnn_strategies.py``). ``auto`` picks ``fused`` for the plain
-CNN on CPU, ``unroll`` for other conv models on CPU and ``vmap`` otherwise. A ``jax.sharding.Mesh`` places the
-stacked shard axis on a mesh axis (``NamedSharding``) so shards train in parallel on devices.
+CNN on CPU, ``unroll`` for other conv models on CPU and ``vmap`` otherwise. A
+``jax.sharding.Mesh`` places the stacked shard axis on a mesh axis (``NamedSharding``) so
+shards train in parallel on devices.
 
 Persistent model: ``python -m unlearn.sisa train|forget|predict|verify|status`` over a model
 directory (one orbax checkpoint per shard and stage, an append-only JSON-lines deletion ledger,
