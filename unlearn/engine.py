@@ -78,6 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from unlearn import models
 from unlearn.objective import objective
 
 Params = Any
@@ -415,7 +416,9 @@ def _member_step(prog: Program, model, opt, carry, aux, gmask, key, x, y, hashes
     idxs, ws, active, progress, epoch, batch = sched
     params, opt_state, mstate = carry
     rng = jax.random.fold_in(jax.random.fold_in(key, epoch), batch)
-    apply = _fused_apply(model) if prog.strategy == "fused" else model.apply
+    # fused: the plain CNN's im2col apply; it has no dropout and no state, so its eval mode
+    # (the only one it takes) is its train mode
+    apply = models.im2col_apply(model) if prog.strategy == "fused" else model.apply
     stateful = bool(mstate) or _takes(apply, "train")
     with_mask = stateful and _takes(apply, "mask")
     batches = []
@@ -501,19 +504,7 @@ def _program(prog: Program, model) -> Callable:
 
 
 def _fusable(model) -> bool:
-    """Whether the model has the convolution-free im2col form (the plain CNN)."""
-    from unlearn import models
-
-    return isinstance(model, models.Model) and models._fusable_cnn(model)
-
-
-def _fused_apply(model) -> Callable:
-    """``apply(variables, x)`` of the plain CNN in its im2col form (memoised per model). It
-    takes no ``train``: the plain CNN has no dropout and no state, so the step calls it in
-    eval mode, which is its train mode."""
-    from unlearn import models
-
-    return models._loop_friendly_apply(model)
+    return isinstance(model, models.Model) and models.has_im2col_form(model)
 
 
 def resolve_strategy(model, strategy: str = "auto") -> str:
@@ -642,7 +633,7 @@ def stacked_apply(model_or_apply, stacked: Params, x: jax.Array, strategy: str =
     if hasattr(model_or_apply, "apply"):
         strategy = resolve_strategy(model_or_apply, strategy)
         unroll = strategy == "loop"
-        fn = (_fused_apply(model_or_apply) if strategy == "fused"
+        fn = (models.im2col_apply(model_or_apply) if strategy == "fused"
               else static_apply(model_or_apply))
     else:
         unroll = strategy == "loop"

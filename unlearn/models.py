@@ -103,13 +103,13 @@ def frozen_apply(model: Model, state: Mapping[str, Any]) -> Callable[[Params, ja
                                                                       jax.Array]:
     """Eval-mode ``apply(params, x) -> logits`` with the model state (BatchNorm running
     statistics) held fixed: the function whose gradients, Hessians and HVPs are taken.
-    For the plain CNN on CPU it is the convolution-free im2col form (:func:`_loop_friendly_apply`),
+    For the plain CNN on CPU it is the convolution-free im2col form (:func:`im2col_apply`),
     equal up to float summation order and far faster inside the solvers' XLA loops on CPU."""
     state = dict(state)
     if not state:
         # On GPU convolutions are fast inside loops too; keep the model's own apply there.
-        if _fusable_cnn(model) and jax.default_backend() == "cpu":
-            return _loop_friendly_apply(model)
+        if has_im2col_form(model) and jax.default_backend() == "cpu":
+            return im2col_apply(model)
         return model.apply
 
     def apply(params, x):
@@ -426,7 +426,7 @@ def _max_pool2(x: jax.Array, spatial: int) -> jax.Array:
     return jnp.max(x.reshape(shape), axis=tuple(3 + 2 * i for i in range(spatial)))
 
 
-def _fusable_cnn(model: Model) -> bool:
+def has_im2col_form(model: Model) -> bool:
     """The plain CNN (no dropout): the model that has an im2col (convolution-free) form."""
     return model.spec[0] == "cnn" and not model.stochastic
 
@@ -453,7 +453,7 @@ def ensemble_apply(model: Model) -> Callable[[Variables, jax.Array], jax.Array]:
     kw = dict(items)
     if not model.has_conv:
         return jax.vmap(model.apply)
-    if not _fusable_cnn(model):
+    if not has_im2col_form(model):
         raise ValueError(f"ensemble_apply fuses the plain CNN only; got {name!r}"
                          f"{' with dropout' if model.stochastic else ''}. Use a per-member "
                          f"strategy (unroll/loop) for this model.")
@@ -482,7 +482,7 @@ def ensemble_apply(model: Model) -> Callable[[Variables, jax.Array], jax.Array]:
 
 
 @functools.cache
-def _loop_friendly_apply(model: Model) -> Callable[[Params, jax.Array], jax.Array]:
+def im2col_apply(model: Model) -> Callable[[Params, jax.Array], jax.Array]:
     """The plain CNN's eval-mode apply written as im2col patches times kernels (the one-member
     case of :func:`ensemble_apply`): the same function up to float summation order, but with
     no convolution op. Curvature solvers run their products inside ``lax.while_loop`` (CG,
