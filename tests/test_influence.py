@@ -146,5 +146,43 @@ def test_scores_stream_without_per_example_gradients(tiny_mlp):
 def test_exact_backend_refuses_huge_p():
     big = {"params": {"Dense_0": {"bias": jnp.zeros(10), "kernel": jnp.zeros((4500, 10))}}}
     with pytest.raises(ValueError, match="40000 parameters use backend='pcg'"):
-        influence.prepare_inverse(models.logreg(10).apply, big, jnp.zeros((3, 4500)),
+        influence.prepare_inverse(models.logreg(10).apply, big, jnp.ones((3, 4500)),
                                   jnp.zeros(3, jnp.int32), 1e-3, backend="exact")
+    # All-zero inputs: every kernel weight decouples, only the 10 bias coordinates remain.
+    inv = influence.prepare_inverse(models.logreg(10).apply, big, jnp.zeros((3, 4500)),
+                                    jnp.zeros(3, jnp.int32), 1e-3, backend="exact")
+    assert inv.factor.cholesky.factor.shape == (10, 10)
+
+
+@pytest.mark.parametrize("k", [10, 1])
+def test_exact_backend_drops_decoupled_features(k):
+    """Features that are zero on every weighted example decouple (their Hessian rows are zero
+    off the diagonal): the reduced factorisation must equal a dense float64 solve with the
+    full jax.hessian, for softmax (K = 10) and binary logistic regression (K = 1)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        n, d = 60, 12
+        x = rng.normal(size=(n, d))
+        x[:, [0, 5, 6]] = 0.0  # dead on every example
+        x[:, 9] = 0.0
+        x[3, 9] = 2.0  # alive only on an example of weight 0: decoupled too
+        w = np.ones(n)
+        w[3] = 0.0
+        y = rng.integers(0, max(k, 2), n)
+        m = models.logreg(10) if k == 10 else models.binary_logreg()
+        params = jax.tree.map(lambda a: jnp.asarray(
+            rng.normal(size=a.shape) * 0.3), m.init(jax.random.key(0), jnp.zeros((1, d))))
+        theta, unravel = jax.flatten_util.ravel_pytree(params)
+        xj, yj, wj = jnp.asarray(x), jnp.asarray(y), jnp.asarray(w)
+        l2, damping = 1e-2, 1e-3
+        obj = lambda t: train.objective(m.apply, unravel(t), xj, yj, wj, l2)  # noqa: E731
+        a = np.asarray(jax.hessian(obj)(theta)) + damping * np.eye(theta.size)
+        g = np.asarray(influence.example_gradients(m.apply, params, xj[:7], yj[:7]))
+        inv = influence.prepare_inverse(m.apply, params, xj, yj, l2, backend="exact",
+                                        damping=damping, w=wj)
+        assert isinstance(inv.factor, influence.DecoupledCholesky)
+        assert inv.factor.index.size == (d - 4 + 1) * k
+        sol = influence.inverse_hvp(inv, jnp.asarray(g))
+        ref = np.linalg.solve(a, g.T).T
+        assert np.abs(np.asarray(sol.x) - ref).max() / np.abs(ref).max() < 1e-12
+        assert bool(jnp.all(sol.converged))

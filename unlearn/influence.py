@@ -98,6 +98,8 @@ Apply = Callable[[Params, Array], Array]
 
 __all__ = [
     "NewtonFactor",
+    "DecoupledCholesky",
+    "coupled_linear_hessian",
     "NystromCache",
     "nystrom_cache",
     "full_hessian",
@@ -154,6 +156,67 @@ def _is_binary_logistic(params: Params) -> bool:
     leaves = jax.tree.leaves(params)
     return (len(leaves) == 2 and sorted(np.ndim(a) for a in leaves) == [1, 2]
             and all(np.shape(a)[-1] == 1 for a in leaves))
+
+
+def _active_features(x: Array, w: Array) -> np.ndarray:
+    """Indices of the input features that are non-zero on some example of positive weight."""
+    xn = np.asarray(x).reshape(np.shape(x)[0], -1)
+    return np.flatnonzero(np.any(xn[np.asarray(w) > 0] != 0, axis=0))
+
+
+def coupled_linear_hessian(params: Params, x: Array, w: Array, l2: float, *,
+                           max_order: int | None = None) -> tuple[Array, np.ndarray | None]:
+    r"""Closed-form Hessian of softmax regression (or binary logistic regression) restricted
+    to its *coupled* coordinates, and their flat indices (``None`` when all are coupled).
+
+    The weight of input feature :math:`a` enters the loss only through :math:`x_{ia}`: when
+    :math:`x_{ia} = 0` on every example of positive weight, its rows of :math:`H` are zero
+    off the diagonal and it *decouples* with curvature :math:`\lambda` (e.g. the 124 of 784
+    MNIST pixels that are black in every image of ``mnist5k``). Dropping those features from
+    the closed form is therefore exact, and the Hessian and its factorisation shrink from
+    :math:`p` to the coupled size (:class:`DecoupledCholesky`). ``max_order``: raise
+    ``ValueError`` (naming the sizes) before building a larger matrix.
+    """
+    active = _active_features(x, w)
+    xf = jnp.asarray(x).reshape(np.shape(x)[0], -1)
+    leaves, treedef = jax.tree.flatten(params)
+    offsets = np.cumsum([0] + [np.size(a) for a in leaves])
+    idx, kept = [], []
+    for leaf, off in zip(leaves, offsets[:-1], strict=True):
+        flat = np.arange(off, off + np.size(leaf)).reshape(np.shape(leaf))
+        if np.ndim(leaf) == 2:  # the (d, K) kernel: keep the active rows
+            flat, leaf = flat[active], leaf[active]
+        idx.append(flat.reshape(-1))
+        kept.append(leaf)
+    index = np.concatenate(idx)
+    if max_order is not None and index.size > max_order:
+        raise ValueError(
+            f"backend='exact' needs a dense {index.size}×{index.size} curvature "
+            f"({8 * index.size**2 / 2**30:.1f} GiB in float64; {offsets[-1]} parameters, "
+            f"{index.size} coupled) and its factorisation; above {max_order} parameters use "
+            "backend='pcg' or 'cg' (the same answer, matrix-free), or 'ekfac'/'arnoldi' "
+            "(approximate).")
+    if active.size == xf.shape[1]:
+        return full_hessian(None, params, xf, None, w, l2), None
+    reduced = jax.tree.unflatten(treedef, kept)
+    return full_hessian(None, reduced, xf[:, active], None, w, l2), index
+
+
+class DecoupledCholesky(NamedTuple):
+    r"""Exact inverse of a damped curvature with decoupled coordinates: the Cholesky factor
+    on the coupled flat indices ``index``, and ``shift`` (L2 + damping), the curvature of
+    every other coordinate (:func:`coupled_linear_hessian`)."""
+
+    cholesky: solvers.CholeskyFactor
+    index: Array
+    shift: Array
+
+
+@jax.jit
+def _decoupled_solve(f: DecoupledCholesky, rhs: Array) -> Array:
+    """``(H + λ_d I)^{-1}`` on the rows of ``rhs`` ``(m, p)``."""
+    inner = solvers.cholesky_solve(f.cholesky, rhs[:, f.index].T).T
+    return (rhs / f.shift).at[:, f.index].set(inner)
 
 
 class NewtonFactor(NamedTuple):
@@ -565,6 +628,12 @@ def prepare_inverse(
     opts = {"tol": tol, "maxiter": maxiter}
     factor = approx = eig = None
     if backend == "exact":
+        index = None
+        linear = _is_softmax_regression(params) or _is_binary_logistic(params)
+        if hessian is None and linear:
+            # The closed form on the coupled coordinates (GGN = Hessian for these models).
+            hessian, index = coupled_linear_hessian(
+                params, x, w, l2, max_order=2 * solvers.LAPACK_THREADED_LIMIT)
         if hessian is None and p > 2 * solvers.LAPACK_THREADED_LIMIT:
             raise ValueError(
                 f"backend='exact' needs a dense {p}×{p} curvature ({8 * p * p / 2**30:.1f} GiB "
@@ -576,6 +645,9 @@ def prepare_inverse(
                        else jax.vmap(fn(apply, params, x, y, w, l2))(
                            jnp.eye(p, dtype=theta.dtype)))
         factor = solvers.cholesky_factor(hessian, damping)
+        if index is not None:
+            factor = DecoupledCholesky(factor, jnp.asarray(index),
+                                       jnp.asarray(l2 + damping, theta.dtype))
     elif backend == "pcg":
         data_op = fn(apply, params, x, y, w, 0.0)
         ny = solvers.nystrom(data_op, theta, min(rank, p - 1), key)
@@ -627,10 +699,11 @@ def _lissa_fn(fn, apply, batch):
 
 
 @jax.jit
-def _batched_residual(op: Any, xs: Array, rhs: Array) -> Array:
+def _batched_residual(op: Any, xs: Array, rhs: Array) -> tuple[Array, Array]:
     """True relative residual of every row, one compiled batched product (``op`` is a
     ``Partial``, traced as data; eagerly each primitive of the product compiles on its own)."""
-    return jax.vmap(lambda xx, bb: solvers._rel_residual(op, xx, bb))(xs, rhs)
+    res = jax.vmap(lambda xx, bb: solvers._rel_residual(op, xx, bb))(xs, rhs)
+    return res, jnp.all(jnp.isfinite(xs), axis=1)
 
 
 def inverse_hvp(inv: InverseCurvature, rhs: Array) -> solvers.Solution:
@@ -649,7 +722,10 @@ def inverse_hvp(inv: InverseCurvature, rhs: Array) -> solvers.Solution:
         return solvers.cg(inv.op, rhs, tol=o.get("tol"), maxiter=o.get("maxiter"),
                           precond=None if b == "cg" else inv.approx)
     if b == "exact":
-        xs = solvers.cholesky_solve(inv.factor, rhs.T).T
+        if isinstance(inv.factor, DecoupledCholesky):
+            xs = _decoupled_solve(inv.factor, rhs)
+        else:
+            xs = solvers.cholesky_solve(inv.factor, rhs.T).T
         its, method = zeros, "cholesky"
     elif b in ("ekfac", "kfac"):
         xs, its, method = jax.vmap(inv.approx)(rhs), zeros, b
@@ -665,10 +741,11 @@ def inverse_hvp(inv: InverseCurvature, rhs: Array) -> solvers.Solution:
         xs = _lissa_batched(hv, rhs, jnp.asarray(o["scale"], rhs.dtype), keys,
                             depth=o["depth"])
         its, method = zeros + o["depth"], "lissa"
-    res = _batched_residual(inv.op, xs, rhs)
+    res, finite = _batched_residual(inv.op, xs, rhs)
     tol = o.get("tol") or (1e-8 if rhs.dtype == jnp.float64 else 1e-4)
     exact = method == "cholesky"
-    conv = (res <= tol) if exact else jnp.all(jnp.isfinite(xs), axis=1)
+    # On the host: eager jnp comparisons would each compile a program on a cold call.
+    conv = jnp.asarray(np.asarray(res) <= tol if exact else np.asarray(finite))
     msg = "" if exact else "approximate inverse: converged means finite; residual is its error"
     return solvers.Solution(xs, its, res, conv, method, msg)
 
