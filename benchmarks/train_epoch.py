@@ -93,8 +93,9 @@ def main() -> None:
         lines.append(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {fused} | {r[5]} | "
                      f"{r[6]:.2f} |")
     lines += ["", "Learning-rate grid on the member axis: 8 learning rates (1e-4 … 1e-2) trained "
-              "as one ensemble (`train.train_grid`, one shared schedule: one gather and one "
-              "wide matmul per layer) vs one model, one epoch each, best of 7 (target ≤ 1.5×). "
+              "as one ensemble (`train.train_grid`, one shared schedule: one gather, one wide "
+              "matmul for the first layer, batched matmuls after it) vs one model, one epoch "
+              "each, best of 7 (target ≤ 1.5×). "
               "The compute floor: the ensemble's matmul FLOPs (forward, weight and input "
               f"gradients) at this machine's float32 matmul peak, {peak:.0f} GFLOP/s (one "
               "2048² matmul, best of 10, same run), as a multiple of the one-model time; no "

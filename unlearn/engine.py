@@ -90,14 +90,28 @@ OPTIMIZERS = ("adam", "sgd", "momentum")
 # ----------------------------------------------------------------------------- data order
 
 
-def key_seed(key: jax.Array) -> int:
-    """A Python int derived from a JAX key (typed or raw)."""
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    data = np.asarray(data, dtype=np.uint64).reshape(-1)
+def _fold_words(words: Sequence[int]) -> int:
     out = 0
-    for v in data.tolist():
+    for v in words:
         out = (out * 0x9E3779B97F4A7C15 + int(v)) % (1 << 64)
     return out
+
+
+def _key_words(keys: jax.Array) -> np.ndarray:
+    data = jax.random.key_data(keys) if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) \
+        else keys
+    return np.asarray(data, dtype=np.uint64)
+
+
+def key_seed(key: jax.Array) -> int:
+    """A Python int derived from a JAX key (typed or raw)."""
+    return _fold_words(_key_words(key).reshape(-1).tolist())
+
+
+def key_seeds(keys: jax.Array) -> list[int]:
+    """:func:`key_seed` of every key of a stacked (S,) key array (typed, or raw (S, 2)), read
+    from the device in one transfer instead of one per member."""
+    return [_fold_words(row) for row in _key_words(keys).reshape(len(keys), -1).tolist()]
 
 
 def _splitmix64(z: np.ndarray) -> np.ndarray:
@@ -345,6 +359,12 @@ class Members(NamedTuple):
 def stack(trees: Sequence[Params]) -> Params:
     """Stack pytrees along a new leading (member) axis."""
     return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def repeat(tree: Params, n: int) -> Params:
+    """``n`` copies of one pytree on a new leading (member) axis: ``stack([tree] * n)`` as one
+    broadcast per leaf."""
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *jnp.shape(a))), tree)
 
 
 def unstack(tree: Params, i: int) -> Params:
@@ -755,7 +775,7 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
     members = init_members(variables, optimizer, lr)
     fdt = data.x.dtype
     aux = {"l2": jnp.broadcast_to(jnp.asarray(l2, fdt), (S,))}
-    seeds = [key_seed(k) for k in keys] if seeds is None else list(seeds)
+    seeds = key_seeds(keys) if seeds is None else list(seeds)
     present = [np.nonzero(w[s] > 0)[0] for s in range(S)]
     hashes = [np.asarray(ids_hash)[p] for p in present]
     losses = []

@@ -222,10 +222,10 @@ def train_grid(model: Model, data: Dataset, cfg: TrainConfig, key: jax.Array, *,
         raise ValueError(f"weights must have shape ({len(data)},), got {w.shape}.")
     p0 = init_params(model, data, key, cfg.dtype)
     out = engine.train_members(
-        model, data.x, data.y, stable_hash(data.ids), jnp.stack([key] * G),
+        model, data.x, data.y, stable_hash(data.ids), engine.repeat(key, G),
         epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=lr, l2=l2,
         dtype=cfg.dtype, strategy=cfg.strategy, weights=np.tile(w, (G, 1)),
-        variables=engine.stack([p0] * G), augment=augmentation(cfg), progress=cfg.progress,
+        variables=engine.repeat(p0, G), augment=augmentation(cfg), progress=cfg.progress,
         desc=f"grid {model.name}")
     return out.members.variables(), np.stack([lr, l2], 1)
 
