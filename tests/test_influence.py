@@ -34,7 +34,7 @@ def test_influence_definition_and_cg_match_dense(digits):
     expect = -(np.linalg.solve(np.asarray(h), np.asarray(g_te).T).T @ np.asarray(g_tr).T)
     np.testing.assert_allclose(np.asarray(infl[:, :50]), expect, rtol=1e-8, atol=1e-10)
     out_cg = influence.influence_up_loss(m.apply, star.params, x, y, xt, yt, 1e-3, solver="cg")
-    assert out_cg.solution.method == "cg" and out_cg.solution.iterations.shape == (2,)
+    assert out_cg.solution.method == "block-cg" and out_cg.solution.iterations.shape == (2,)
     infl_cg = out_cg.scores
     np.testing.assert_allclose(np.asarray(infl_cg), np.asarray(infl), rtol=1e-6,
                                atol=1e-8 * float(jnp.abs(infl).max()))

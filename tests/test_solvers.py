@@ -237,6 +237,70 @@ def test_batched_pcg_matches_dense_and_loop():
     assert int(jnp.max(warm.iterations)) <= int(jnp.max(sol.iterations)) + 1
 
 
+def test_block_cg_matches_dense_in_fewer_iterations():
+    """Block CG solves every row to the dense float64 answer, including linearly dependent
+    rows (a duplicate, a multiple) and a zero row, in no more iterations than the vmapped CG
+    (its Krylov space contains every single-vector one), with and without Nyström."""
+    apply, params, x, y, w, l2 = _softmax_problem(400, 20, 5, 1e-3)
+    h = C.softmax_regression_hessian(params, x, w, l2)
+    cond = float(jnp.linalg.cond(h))
+    b = np.random.default_rng(1).normal(size=(9, h.shape[0]))
+    b[6], b[7], b[8] = b[0], -3.0 * b[1], 0.0
+    bs = jnp.asarray(b)
+    ref = jnp.linalg.solve(h, bs.T).T
+    op = C.hvp(apply, params, x, y, w, l2)
+    plain = S.cg(op, bs, tol=1e-10)
+    blk = S.block_cg(op, bs, tol=1e-10)
+    assert blk.method == "block-cg" and blk.iterations.shape == (9,)
+    assert bool(jnp.all(blk.converged)) and float(jnp.max(blk.residual)) <= 1e-10
+    for i in range(9):
+        assert _relerr(blk.x[i], ref[i]) < cond * 1e-10 or float(jnp.linalg.norm(ref[i])) == 0
+    assert float(jnp.abs(blk.x[8]).max()) == 0.0
+    assert int(blk.iterations[0]) <= int(jnp.max(plain.iterations))
+    data_op = C.hvp(apply, params, x, y, w, 0.0)
+    pre = S.nystrom_preconditioner(S.nystrom(data_op, bs[0], rank=40,
+                                             key=jax.random.PRNGKey(3)), l2)
+    pblk = S.block_cg(op, bs, tol=1e-10, precond=pre)
+    assert bool(jnp.all(pblk.converged))
+    assert float(jnp.max(jnp.abs(pblk.x - ref))) / float(jnp.max(jnp.abs(ref))) < cond * 1e-10
+    assert int(pblk.iterations[0]) <= int(blk.iterations[0])
+    warm = S.block_cg(op, bs, x0=jax.vmap(pre)(bs), tol=1e-10, precond=pre)
+    assert bool(jnp.all(warm.converged))
+
+
+def test_block_cg_finite_termination_on_low_rank_update():
+    """Theory: for A = I + U S U^T of rank r, x_j = b_j - U c_j, and the block Krylov space of
+    m generic right-hand sides contains range(U) after ceil(r / m) products, so block CG ends
+    in ceil(r / m) + 1 steps where single-vector CG needs r + 1."""
+    p, r, m = 60, 12, 4
+    u, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(p, r)))
+    a = jnp.asarray(np.eye(p) + (u * np.logspace(0, 2, r)) @ u.T)
+    bs = jnp.asarray(np.random.default_rng(1).normal(size=(m, p)))
+    blk = S.block_cg(a, bs, tol=1e-10)
+    one = S.cg(a, bs, tol=1e-10)
+    assert bool(jnp.all(blk.converged))
+    assert int(blk.iterations[0]) <= -(-r // m) + 1
+    assert int(jnp.min(one.iterations)) >= r
+    ref = jnp.linalg.solve(a, bs.T).T
+    assert float(jnp.max(jnp.abs(blk.x - ref))) < 1e-9
+
+
+def test_block_cg_flags_indefinite_and_bad_shapes():
+    a, q, ev = _spd(p=30)
+    indef = a - 5.0 * jnp.eye(30)  # two eigenvalues below zero
+    bs = jnp.asarray(np.random.default_rng(2).normal(size=(3, 30)))
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        sol = S.block_cg(indef, bs, tol=1e-10)
+    assert "non-positive curvature" in sol.message and not bool(jnp.any(sol.converged))
+    assert bool(jnp.all(jnp.isfinite(sol.x)))
+    with pytest.raises(ValueError, match="1 <= m < p"):
+        S.block_cg(a, bs[0])
+    with pytest.raises(ValueError, match="1 <= m < p"):
+        S.block_cg(a, jnp.ones((30, 30)))
+    with pytest.raises(ValueError, match="x0 has shape"):
+        S.block_cg(a, bs, x0=jnp.zeros((2, 30)))
+
+
 def test_nystrom_exact_on_low_rank_and_two_step_pcg():
     """For A of rank r <= rank the Nyström approximation is A itself (Frangella et al. 2023,
     Lemma A.1), so P^-1 (A + mu I) has two eigenvalues and PCG stops in <= 2 iterations."""

@@ -586,6 +586,7 @@ def prepare_inverse(
     lissa_batch: int | None = None,
     hessian: Array | None = None,
     chunk_size: int = 1024,
+    block: bool = True,
 ) -> InverseCurvature:
     r"""Prepare :math:`(H + \lambda_d I)^{-1}` once for many requests, with the chosen backend.
 
@@ -598,8 +599,9 @@ def prepare_inverse(
 
     * ``exact`` — dense Hessian (closed form for softmax regression) + Cholesky / two
       triangular solves. :math:`O(p^2)` memory; refused above 40 000 parameters.
-    * ``cg`` — nothing / batched CG on the exact operator (all right-hand sides in one
-      ``vmap``-ed solve), converges to the exact answer.
+    * ``cg`` — nothing / block CG on the exact operator (``solvers.block_cg``: all
+      right-hand sides in one shared Krylov space, each iteration one batched product;
+      ``block=False``: the ``vmap``-ed single-vector CG), converges to the exact answer.
     * ``pcg`` — rank-``rank`` randomized Nyström approximation of the data term (``rank``
       batched products) / preconditioned batched CG — exact answer, fewer iterations.
     * ``pcg-ekfac`` — EK-FAC factors / CG preconditioned by the EK-FAC inverse — exact answer.
@@ -625,7 +627,7 @@ def prepare_inverse(
     w = jnp.ones(x.shape[0], theta.dtype) if w is None else jnp.asarray(w, theta.dtype)
     fn = curvature.hvp if curvature_kind == "hessian" else curvature.ggn_vp
     op = fn(apply, params, x, y, w, l2, damping)
-    opts = {"tol": tol, "maxiter": maxiter}
+    opts = {"tol": tol, "maxiter": maxiter, "block": bool(block)}
     factor = approx = eig = None
     if backend == "exact":
         index = None
@@ -719,8 +721,10 @@ def inverse_hvp(inv: InverseCurvature, rhs: Array) -> solvers.Solution:
     zeros = jnp.zeros(m, jnp.int32)
     b = inv.backend
     if b in ("cg", "pcg", "pcg-ekfac"):
-        return solvers.cg(inv.op, rhs, tol=o.get("tol"), maxiter=o.get("maxiter"),
-                          precond=None if b == "cg" else inv.approx)
+        blocked = o.get("block", True) and 1 < m < rhs.shape[1]
+        return (solvers.block_cg if blocked else solvers.cg)(
+            inv.op, rhs, tol=o.get("tol"), maxiter=o.get("maxiter"),
+            precond=None if b == "cg" else inv.approx)
     if b == "exact":
         if isinstance(inv.factor, DecoupledCholesky):
             xs = _decoupled_solve(inv.factor, rhs)

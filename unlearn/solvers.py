@@ -88,6 +88,7 @@ __all__ = [
     "cholesky_factor",
     "cholesky_solve",
     "cg",
+    "block_cg",
     "lissa",
     "lanczos_extremes",
     "lanczos_topk",
@@ -543,6 +544,125 @@ def cg(
     if _is_concrete(neg) and bool(jnp.any(neg)):
         message = "non-positive curvature p^T A p <= 0 met: the operator is not positive definite"
     result = Solution(x, k, res, conv, "cg", message)
+    if warn:
+        _warn_if_not_converged(result)
+    return result
+
+
+def _orth_rows(y: Array) -> tuple[Array, Array]:
+    """Orthonormal rows spanning the rows of ``y`` ``(m, p)``, with the rows that are (to
+    sqrt(eps)) combinations of earlier ones, or zero, set to zero (deflation), and their mask."""
+    q, r = jnp.linalg.qr(y.T)
+    tau = jnp.sqrt(jnp.finfo(y.dtype).eps)
+    keep = jnp.abs(jnp.diagonal(r)) > tau * jnp.linalg.norm(y, axis=1)
+    return q.T * keep[:, None], keep
+
+
+@jax.jit
+def _block_cg_core(
+    op: Partial,
+    b: Array,
+    x0: Array | None,
+    tol: Array,
+    maxiter: Array,
+    precond: Partial | None,
+) -> tuple[Array, Array, Array, Array, Array]:
+    """Block PCG on the rows of ``b`` ``(m, p)``; directions kept orthonormal (see block_cg)."""
+    apply = jax.vmap(op)
+    pre = (lambda r: r) if precond is None else jax.vmap(precond)
+    bnorm = jnp.linalg.norm(b, axis=1)
+    if x0 is None:
+        x, r = 0 * b, b  # never the operator on a compile-time zero (module docstring)
+    else:
+        x = jnp.asarray(x0, b.dtype)
+        r = b - apply(x)
+    d, keep = _orth_rows(pre(r))  # (m, p): orthonormal or zero (deflated) rows
+
+    def cond(state: tuple[Array, ...]) -> Array:
+        _, r, _, _, k, bad = state
+        return (k < maxiter) & jnp.any(jnp.linalg.norm(r, axis=1) > tol * bnorm) & ~bad
+
+    def body(state: tuple[Array, ...]) -> tuple[Array, ...]:
+        x, r, d, keep, k, _ = state
+        q = apply(d)  # ONE batched product: m operator applications
+        dq = d @ q.T + jnp.diag(jnp.where(keep, 0.0, 1.0).astype(d.dtype))  # 1 on deflated
+        chol = jnp.linalg.cholesky(0.5 * (dq + dq.T))  # D A D^T: SPD iff A is on span(D)
+        bad = ~jnp.all(jnp.isfinite(chol))
+        solve = functools.partial(jax.scipy.linalg.cho_solve, (chol, True))
+        alpha = solve(d @ r.T)  # Galerkin step on span(D)
+        x_new = x + alpha.T @ d
+        r_new = r - alpha.T @ q
+        z = pre(r_new)
+        beta = solve(q @ z.T)  # new directions A-conjugate to D
+        d_new, keep_new = _orth_rows(z - beta.T @ d)
+        old = lambda new, prev: jnp.where(bad, prev, new)  # noqa: E731
+        return (old(x_new, x), old(r_new, r), old(d_new, d), old(keep_new, keep), k + 1,
+                bad)
+
+    init = (x, r, d, keep, jnp.asarray(0, jnp.int32), jnp.asarray(False))
+    x, r, _, _, k, bad = jax.lax.while_loop(cond, body, init)
+    res = jax.vmap(lambda xx, bb: _rel_residual(op, xx, bb))(x, b)
+    converged = (res <= tol) & ~bad & jnp.all(jnp.isfinite(x), axis=1)
+    return x, k, res, converged, bad
+
+
+def block_cg(
+    matvec: MatVec | Array,
+    b: Array,
+    x0: Array | None = None,
+    tol: float | None = None,
+    maxiter: int | None = None,
+    precond: MatVec | Array | None = None,
+    warn: bool = True,
+) -> Solution:
+    r"""Block preconditioned CG (O'Leary 1980) for :math:`AX = B`, the ``m`` rows of ``b``
+    ``(m, p)`` solved in ONE shared Krylov space.
+
+    Each iteration applies the operator to ``m`` search directions at once (one batched
+    product, the cost of one iteration of the vmapped :func:`cg`) but takes the Galerkin step
+    on their whole span, so every right-hand side gains from the directions of all the others:
+    the space after :math:`k` steps has dimension up to :math:`km`, and the eigen-directions
+    the right-hand sides share (the top of a network's curvature spectrum) are found once for
+    all. With :math:`D` the current directions (rows) and :math:`Q = DA`,
+    :math:`X \mathrel{+}= \alpha^\top D`, :math:`\alpha = (DQ^\top)^{-1}DR^\top`; the new
+    directions are :math:`Z - \beta^\top D` with :math:`Z = RM` and
+    :math:`\beta = (DQ^\top)^{-1}QZ^\top` (A-conjugate to :math:`D`), re-orthonormalised by
+    a QR factorisation each step, which keeps :math:`DQ^\top` as well conditioned as
+    :math:`A` itself; directions that are (to :math:`\sqrt{\epsilon}`) combinations of the
+    others — linearly dependent right-hand sides, duplicated test points, converged rows — are
+    deflated (zeroed) instead of normalised rounding noise, which would break the conjugacy
+    to earlier blocks (the breakdown of the plain block recursion; Dubrulle 2001).
+
+    Measured (``benchmarks/influence_peers.py``, MLP p = 25 450, 100 test gradients, tol 1e-3):
+    13 iterations unpreconditioned against 106 for the vmapped :func:`cg`, 10 against 17 with
+    the rank-300 Nyström preconditioner; the same scores (Pearson 0.99995 with the exact
+    inverse). Stops when every row's recursive residual is below ``tol`` (relative), after
+    ``maxiter`` steps, or when :math:`DQ^\top` is not positive definite (the operator is not
+    PD on the Krylov space: reported in ``message``). ``iterations`` is the block count for
+    every row; ``residual`` the true relative residual per row. Needs ``1 <= m < p`` (use
+    :func:`cg` otherwise). Arguments as for :func:`cg`.
+
+    References: O'Leary, "The block conjugate gradient algorithm and related methods", Linear
+    Algebra Appl. 1980. Dubrulle, "Retooling the method of block conjugate gradients",
+    Electron. Trans. Numer. Anal. 2001.
+    """
+    b = jnp.asarray(b)
+    if b.ndim != 2 or not 1 <= b.shape[0] < b.shape[1]:
+        raise ValueError(f"block_cg needs right-hand sides as rows (m, p) with 1 <= m < p; got "
+                         f"shape {b.shape} (use solvers.cg)")
+    if x0 is not None and jnp.shape(x0) != b.shape:
+        raise ValueError(f"x0 has shape {jnp.shape(x0)}; it must match b's {b.shape}")
+    op = _as_operator(matvec)
+    tol = _default_tol(b.dtype, "cg") if tol is None else tol
+    maxiter = 10 * b.shape[1] if maxiter is None else maxiter
+    x, k, res, conv, bad = _block_cg_core(
+        op, b, None if x0 is None else jnp.asarray(x0, b.dtype), jnp.asarray(tol, b.dtype),
+        jnp.asarray(maxiter, jnp.int32), _as_precond(precond))
+    message = ""
+    if _is_concrete(bad) and bool(bad):
+        message = ("non-positive curvature: D^T A D is not positive definite on the Krylov "
+                   "space, so the operator is not positive definite")
+    result = Solution(x, jnp.broadcast_to(k, (b.shape[0],)), res, conv, "block-cg", message)
     if warn:
         _warn_if_not_converged(result)
     return result
