@@ -182,7 +182,7 @@ def _rel_residual(op: Partial, x: Array, b: Array) -> Array:
 
 
 def _warn_if_not_converged(result: Solution, stacklevel: int = 3) -> None:
-    if _is_concrete(result.converged) and not bool(jnp.all(result.converged)):
+    if _is_concrete(result.converged) and not np.all(np.asarray(result.converged)):
         extra = f" ({result.message})" if result.message else ""
         bad = np.size(result.converged) - int(np.sum(np.asarray(result.converged)))
         which = f" ({bad} of {np.size(result.converged)} right-hand sides)" if np.ndim(
@@ -541,7 +541,7 @@ def cg(
     else:
         x, k, res, conv, neg = _cg_batched(op, b, jnp.asarray(x0, b.dtype), *args)
     message = ""
-    if _is_concrete(neg) and bool(jnp.any(neg)):
+    if _is_concrete(neg) and np.any(np.asarray(neg)):
         message = "non-positive curvature p^T A p <= 0 met: the operator is not positive definite"
     result = Solution(x, k, res, conv, "cg", message)
     if warn:
@@ -662,7 +662,10 @@ def block_cg(
     if _is_concrete(bad) and bool(bad):
         message = ("non-positive curvature: D^T A D is not positive definite on the Krylov "
                    "space, so the operator is not positive definite")
-    result = Solution(x, jnp.broadcast_to(k, (b.shape[0],)), res, conv, "block-cg", message)
+    # The block count for every row (on the host when concrete: no eager broadcast compile).
+    its = (jnp.asarray(np.full(b.shape[0], int(k), np.int32)) if _is_concrete(k)
+           else jnp.broadcast_to(k, (b.shape[0],)))
+    result = Solution(x, its, res, conv, "block-cg", message)
     if warn:
         _warn_if_not_converged(result)
     return result
@@ -720,7 +723,7 @@ def nystrom(
     key = jax.random.PRNGKey(0) if key is None else key
     omega = jax.random.normal(key, (p, int(rank)), like.dtype)
     u, lam = _nystrom_core(op, omega)
-    if not bool(jnp.all(jnp.isfinite(lam))):
+    if not np.all(np.isfinite(np.asarray(lam))):  # on the host: no eager compile
         raise ValueError("Nyström approximation is not finite: the operator is not PSD "
                          "(add damping or use the Gauss-Newton product).")
     return NystromApprox(u, lam)
