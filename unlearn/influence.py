@@ -597,13 +597,14 @@ def prepare_inverse(
 
     Backends (prepare / per request):
 
-    * ``exact`` — dense Hessian (closed form for softmax regression) + Cholesky / two
-      triangular solves. :math:`O(p^2)` memory; refused above 40 000 parameters.
+    * ``exact`` — dense Hessian (closed form for softmax/binary logistic regression, on its
+      coupled coordinates only: :func:`coupled_linear_hessian`) + Cholesky / two triangular
+      solves. :math:`O(p^2)` memory; refused above 40 000 (coupled) parameters.
     * ``cg`` — nothing / block CG on the exact operator (``solvers.block_cg``: all
       right-hand sides in one shared Krylov space, each iteration one batched product;
       ``block=False``: the ``vmap``-ed single-vector CG), converges to the exact answer.
     * ``pcg`` — rank-``rank`` randomized Nyström approximation of the data term (``rank``
-      batched products) / preconditioned batched CG — exact answer, fewer iterations.
+      batched products) / preconditioned block CG — exact answer, fewer iterations.
     * ``pcg-ekfac`` — EK-FAC factors / CG preconditioned by the EK-FAC inverse — exact answer.
     * ``ekfac`` / ``kfac`` — (E)K-FAC factors of the GGN (``unlearn.kfac``, dense layers) /
       one Kronecker-factored inverse per layer: approximate (Grosse et al. 2023).
