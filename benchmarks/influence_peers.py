@@ -769,7 +769,7 @@ def render(outs, load0, load1, seconds, quick, missing) -> str:
               "curvature named in the section text. Our CG rows (`cg-vmap`, `cg`, `pcg`, "
               f"`pcg-ekfac`) stop at relative residual {CG_TOL:g} (what scores need; the float32 "
               "default 1e-5 costs 1.6–1.7× the iterations for the same Pearson to four digits). "
-              "`cg`, `pcg` and `pcg-ekfac` are block CG (`solvers.block_cg`: the 100 test "
+              "`cg`, `pcg` and `pcg-ekfac` are block CG (`solvers.cg(block=True)`: the 100 "
               "gradients share one Krylov space; CG its/pt is then the block count, each "
               "iteration one batched product for all 100); `cg-vmap` is the same `cg` backend "
               "with `block=False`, one CG per test point under `vmap` (the iterations block CG "

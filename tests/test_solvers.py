@@ -250,7 +250,7 @@ def test_block_cg_matches_dense_in_fewer_iterations():
     ref = jnp.linalg.solve(h, bs.T).T
     op = C.hvp(apply, params, x, y, w, l2)
     plain = S.cg(op, bs, tol=1e-10)
-    blk = S.block_cg(op, bs, tol=1e-10)
+    blk = S.cg(op, bs, tol=1e-10, block=True)
     assert blk.method == "block-cg" and blk.iterations.shape == (9,)
     assert bool(jnp.all(blk.converged)) and float(jnp.max(blk.residual)) <= 1e-10
     for i in range(9):
@@ -260,16 +260,16 @@ def test_block_cg_matches_dense_in_fewer_iterations():
     data_op = C.hvp(apply, params, x, y, w, 0.0)
     pre = S.nystrom_preconditioner(S.nystrom(data_op, bs[0], rank=40,
                                              key=jax.random.PRNGKey(3)), l2)
-    pblk = S.block_cg(op, bs, tol=1e-10, precond=pre)
+    pblk = S.cg(op, bs, tol=1e-10, precond=pre, block=True)
     assert bool(jnp.all(pblk.converged))
     assert float(jnp.max(jnp.abs(pblk.x - ref))) / float(jnp.max(jnp.abs(ref))) < cond * 1e-10
     assert int(pblk.iterations[0]) <= int(blk.iterations[0])
-    warm = S.block_cg(op, bs, x0=jax.vmap(pre)(bs), tol=1e-10, precond=pre)
+    warm = S.cg(op, bs, x0=jax.vmap(pre)(bs), tol=1e-10, precond=pre, block=True)
     assert bool(jnp.all(warm.converged))
 
 
-@pytest.mark.parametrize("solver", ["cg", "block_cg"])
-def test_float32_cg_reaches_the_true_residual(solver):
+@pytest.mark.parametrize("block", [False, True])
+def test_float32_cg_reaches_the_true_residual(block):
     """In float32 the recursion's residual drifts from b - Ax by ~eps·cond. On these cond-100
     systems at tol 1e-5, stopping on the recursion alone left seed 8 above tol (true residual
     1.02e-5, converged=False: measured without the replacement). With residual replacement
@@ -280,7 +280,7 @@ def test_float32_cg_reaches_the_true_residual(solver):
         q, _ = np.linalg.qr(rng.normal(size=(300, 300)))
         a = ((q * np.logspace(0, 2, 300)) @ q.T).astype(np.float32)
         b = rng.normal(size=(4, 300)).astype(np.float32)
-        sol = getattr(S, solver)(jnp.asarray(a), jnp.asarray(b), tol=1e-5)
+        sol = S.cg(jnp.asarray(a), jnp.asarray(b), tol=1e-5, block=block)
         x = np.asarray(sol.x, np.float64)
         true = np.linalg.norm(b - x @ a.astype(np.float64), axis=1) / np.linalg.norm(b, axis=1)
         assert bool(jnp.all(sol.converged)), (seed, true)
@@ -295,7 +295,7 @@ def test_block_cg_finite_termination_on_low_rank_update():
     u, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(p, r)))
     a = jnp.asarray(np.eye(p) + (u * np.logspace(0, 2, r)) @ u.T)
     bs = jnp.asarray(np.random.default_rng(1).normal(size=(m, p)))
-    blk = S.block_cg(a, bs, tol=1e-10)
+    blk = S.cg(a, bs, tol=1e-10, block=True)
     one = S.cg(a, bs, tol=1e-10)
     assert bool(jnp.all(blk.converged))
     assert int(blk.iterations[0]) <= -(-r // m) + 1
@@ -309,15 +309,15 @@ def test_block_cg_flags_indefinite_and_bad_shapes():
     indef = a - 5.0 * jnp.eye(30)  # two eigenvalues below zero
     bs = jnp.asarray(np.random.default_rng(2).normal(size=(3, 30)))
     with pytest.warns(RuntimeWarning, match="did not converge"):
-        sol = S.block_cg(indef, bs, tol=1e-10)
+        sol = S.cg(indef, bs, tol=1e-10, block=True)
     assert "non-positive curvature" in sol.message and not bool(jnp.any(sol.converged))
     assert bool(jnp.all(jnp.isfinite(sol.x)))
     with pytest.raises(ValueError, match="1 <= m < p"):
-        S.block_cg(a, bs[0])
+        S.cg(a, bs[0], block=True)
     with pytest.raises(ValueError, match="1 <= m < p"):
-        S.block_cg(a, jnp.ones((30, 30)))
+        S.cg(a, jnp.ones((30, 30)), block=True)
     with pytest.raises(ValueError, match="x0 has shape"):
-        S.block_cg(a, bs, x0=jnp.zeros((2, 30)))
+        S.cg(a, bs, x0=jnp.zeros((2, 30)), block=True)
 
 
 def test_nystrom_exact_on_low_rank_and_two_step_pcg():

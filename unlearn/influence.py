@@ -99,7 +99,7 @@ Apply = Callable[[Params, Array], Array]
 __all__ = [
     "NewtonFactor",
     "DecoupledCholesky",
-    "coupled_linear_hessian",
+    "coupled_coordinates",
     "NystromCache",
     "nystrom_cache",
     "full_hessian",
@@ -164,21 +164,24 @@ def _active_features(x: Array, w: Array) -> np.ndarray:
     return np.flatnonzero(np.any(xn[np.asarray(w) > 0] != 0, axis=0))
 
 
-def coupled_linear_hessian(params: Params, x: Array, w: Array, l2: float, *,
-                           max_order: int | None = None) -> tuple[Array, np.ndarray | None]:
-    r"""Closed-form Hessian of softmax regression (or binary logistic regression) restricted
-    to its *coupled* coordinates, and their flat indices (``None`` when all are coupled).
+def coupled_coordinates(params: Params, x: Array,
+                        w: Array) -> tuple[Params, Array, np.ndarray | None]:
+    r"""The *coupled* part of softmax (or binary logistic) regression: its params and inputs
+    without the features that are zero on every example of positive weight, and the flat
+    indices of the kept coordinates (``None`` when every feature is kept).
 
     The weight of input feature :math:`a` enters the loss only through :math:`x_{ia}`: when
     :math:`x_{ia} = 0` on every example of positive weight, its rows of :math:`H` are zero
     off the diagonal and it *decouples* with curvature :math:`\lambda` (e.g. the 124 of 784
-    MNIST pixels that are black in every image of ``mnist5k``). Dropping those features from
-    the closed form is therefore exact, and the Hessian and its factorisation shrink from
-    :math:`p` to the coupled size (:class:`DecoupledCholesky`). ``max_order``: raise
-    ``ValueError`` (naming the sizes) before building a larger matrix.
+    MNIST pixels that are black in every image of ``mnist5k``). The closed-form Hessian of the
+    returned params on the returned inputs is therefore exactly :math:`H` on the kept
+    coordinates, and the factorisation shrinks from :math:`p` to their number
+    (:class:`DecoupledCholesky`).
     """
     active = _active_features(x, w)
     xf = jnp.asarray(x).reshape(np.shape(x)[0], -1)
+    if active.size == xf.shape[1]:
+        return params, xf, None
     leaves, treedef = jax.tree.flatten(params)
     offsets = np.cumsum([0] + [np.size(a) for a in leaves])
     idx, kept = [], []
@@ -188,24 +191,13 @@ def coupled_linear_hessian(params: Params, x: Array, w: Array, l2: float, *,
             flat, leaf = flat[active], leaf[active]
         idx.append(flat.reshape(-1))
         kept.append(leaf)
-    index = np.concatenate(idx)
-    if max_order is not None and index.size > max_order:
-        raise ValueError(
-            f"backend='exact' needs a dense {index.size}×{index.size} curvature "
-            f"({8 * index.size**2 / 2**30:.1f} GiB in float64; {offsets[-1]} parameters, "
-            f"{index.size} coupled) and its factorisation; above {max_order} parameters use "
-            "backend='pcg' or 'cg' (the same answer, matrix-free), or 'ekfac'/'arnoldi' "
-            "(approximate).")
-    if active.size == xf.shape[1]:
-        return full_hessian(None, params, xf, None, w, l2), None
-    reduced = jax.tree.unflatten(treedef, kept)
-    return full_hessian(None, reduced, xf[:, active], None, w, l2), index
+    return jax.tree.unflatten(treedef, kept), xf[:, active], np.concatenate(idx)
 
 
 class DecoupledCholesky(NamedTuple):
     r"""Exact inverse of a damped curvature with decoupled coordinates: the Cholesky factor
     on the coupled flat indices ``index``, and ``shift`` (L2 + damping), the curvature of
-    every other coordinate (:func:`coupled_linear_hessian`)."""
+    every other coordinate (:func:`coupled_coordinates`)."""
 
     cholesky: solvers.CholeskyFactor
     index: Array
@@ -598,9 +590,9 @@ def prepare_inverse(
     Backends (prepare / per request):
 
     * ``exact`` — dense Hessian (closed form for softmax/binary logistic regression, on its
-      coupled coordinates only: :func:`coupled_linear_hessian`) + Cholesky / two triangular
+      coupled coordinates only: :func:`coupled_coordinates`) + Cholesky / two triangular
       solves. :math:`O(p^2)` memory; refused above 40 000 (coupled) parameters.
-    * ``cg`` — nothing / block CG on the exact operator (``solvers.block_cg``: all
+    * ``cg`` — nothing / block CG on the exact operator (``solvers.cg(..., block=True)``: all
       right-hand sides in one shared Krylov space, each iteration one batched product;
       ``block=False``: the ``vmap``-ed single-vector CG), converges to the exact answer.
     * ``pcg`` — rank-``rank`` randomized Nyström approximation of the data term (``rank``
@@ -631,19 +623,21 @@ def prepare_inverse(
     opts = {"tol": tol, "maxiter": maxiter, "block": bool(block)}
     factor = approx = eig = None
     if backend == "exact":
-        index = None
+        index, order, limit = None, p, 2 * solvers.LAPACK_THREADED_LIMIT
         linear = _is_softmax_regression(params) or _is_binary_logistic(params)
-        if hessian is None and linear:
-            # The closed form on the coupled coordinates (GGN = Hessian for these models).
-            hessian, index = coupled_linear_hessian(
-                params, x, w, l2, max_order=2 * solvers.LAPACK_THREADED_LIMIT)
-        if hessian is None and p > 2 * solvers.LAPACK_THREADED_LIMIT:
+        if hessian is None and linear:  # the closed form (GGN = Hessian for these models)
+            reduced, x_coupled, index = coupled_coordinates(params, x, w)
+            order = p if index is None else index.size
+        if hessian is None and order > limit:
+            coupled = "" if order == p else f"; {p} parameters, {order} coupled"
             raise ValueError(
-                f"backend='exact' needs a dense {p}×{p} curvature ({8 * p * p / 2**30:.1f} GiB "
-                f"in float64) and its factorisation; above {2 * solvers.LAPACK_THREADED_LIMIT} "
-                "parameters use backend='pcg' or 'cg' (the same answer, matrix-free), or "
-                "'ekfac'/'arnoldi' (approximate).")
-        if hessian is None:
+                f"backend='exact' needs a dense {order}×{order} curvature "
+                f"({8 * order**2 / 2**30:.1f} GiB in float64{coupled}) and its factorisation; "
+                f"above {limit} parameters use backend='pcg' or 'cg' (the same answer, "
+                "matrix-free), or 'ekfac'/'arnoldi' (approximate).")
+        if hessian is None and linear:
+            hessian = full_hessian(apply, reduced, x_coupled, y, w, l2)
+        elif hessian is None:
             hessian = (full_hessian(apply, params, x, y, w, l2) if curvature_kind == "hessian"
                        else jax.vmap(fn(apply, params, x, y, w, l2))(
                            jnp.eye(p, dtype=theta.dtype)))
@@ -722,10 +716,9 @@ def inverse_hvp(inv: InverseCurvature, rhs: Array) -> solvers.Solution:
     zeros = jnp.zeros(m, jnp.int32)
     b = inv.backend
     if b in ("cg", "pcg", "pcg-ekfac"):
-        blocked = o.get("block", True) and 1 < m < rhs.shape[1]
-        return (solvers.block_cg if blocked else solvers.cg)(
-            inv.op, rhs, tol=o.get("tol"), maxiter=o.get("maxiter"),
-            precond=None if b == "cg" else inv.approx)
+        return solvers.cg(inv.op, rhs, tol=o.get("tol"), maxiter=o.get("maxiter"),
+                          precond=None if b == "cg" else inv.approx,
+                          block=o.get("block", True) and 1 < m < rhs.shape[1])
     if b == "exact":
         if isinstance(inv.factor, DecoupledCholesky):
             xs = _decoupled_solve(inv.factor, rhs)

@@ -20,7 +20,7 @@ each solver, lineax-style: ``linear_solve(a, b, CG(tol=1e-8, precond=...), dampi
   tangent is a constant zero inside ``jit`` returns NaN for softmax regression at
   n >= 6000 (docs/architecture.md; not reproduced with this jaxlib build, see below), so
   starting from ``x0 = 0`` we take ``r0 = b`` and the iterate is ``0 * b`` (a runtime value).
-* :func:`block_cg` — block PCG (O'Leary 1980) for many right-hand sides in ONE Krylov space,
+* ``cg(..., block=True)`` — block PCG (O'Leary 1980): many right-hand sides in ONE Krylov space,
   directions re-orthonormalised and deflated each step (Dubrulle 2001): for 100 influence test
   gradients 6–8× fewer iterations than the vmapped :func:`cg` at the same cost per iteration
   (``influence.prepare_inverse`` uses it for its CG backends).
@@ -92,7 +92,6 @@ __all__ = [
     "cholesky_factor",
     "cholesky_solve",
     "cg",
-    "block_cg",
     "lissa",
     "lanczos_extremes",
     "lanczos_topk",
@@ -412,6 +411,15 @@ def _cholesky_solve_checked(
 # --------------------------------------------------------------------------------------------
 
 
+def _start(apply: Callable[[Array], Array], b: Array, x0: Array | None) -> tuple[Array, Array]:
+    """First iterate and residual. x0 = 0 is ``0 * b`` with ``r = b``: the operator is never
+    applied to a compile-time zero (the JAX 0.10.2 bug in the module docstring)."""
+    if x0 is None:
+        return 0 * b, b
+    x = jnp.asarray(x0, b.dtype)
+    return x, b - apply(x)
+
+
 def _apply_precond(precond: Partial | None, r: Array) -> Array:
     return r if precond is None else precond(r)
 
@@ -426,13 +434,7 @@ def _cg_core(
     precond: Partial | None,
 ) -> tuple[Array, Array, Array, Array, Array]:
     bnorm = jnp.linalg.norm(b)
-    if x0 is None:
-        # x0 = 0 without ever applying the operator to a compile-time zero (JAX 0.10.2 bug).
-        x = 0 * b
-        r = b
-    else:
-        x = jnp.asarray(x0, b.dtype)
-        r = b - op(x)
+    x, r = _start(op, b, x0)
     threshold = tol * bnorm
 
     def cond(state: tuple[Array, ...]) -> Array:
@@ -524,6 +526,7 @@ def cg(
     maxiter: int | None = None,
     precond: MatVec | Array | None = None,
     warn: bool = True,
+    block: bool = False,
 ) -> Solution:
     r"""Preconditioned conjugate gradients for :math:`A x = b`, :math:`A` symmetric PD.
 
@@ -553,13 +556,42 @@ def cg(
       precond: ``r -> M r`` with :math:`M \approx A^{-1}` (e.g. :func:`nystrom_preconditioner`),
         or an array read as the diagonal of :math:`A` (Jacobi).
       warn: warn (outside ``jit``) when not converged.
+      block: solve the rows of ``b`` ``(m, p)``, ``1 <= m < p``, by block CG in ONE shared
+        Krylov space instead of one CG per row (below).
+
+    **Block CG** (``block=True``; O'Leary 1980). Each iteration applies the operator to ``m``
+    search directions at once (one batched product, the cost of one iteration of the vmapped
+    CG) but takes the Galerkin step on their whole span, so every right-hand side gains from
+    the directions of all the others: the space after :math:`k` steps has dimension up to
+    :math:`km`, and the eigen-directions the right-hand sides share (the top of a network's
+    curvature spectrum) are found once for all. With :math:`D` the current directions (rows)
+    and :math:`Q = DA`, :math:`X \mathrel{+}= \alpha^\top D`,
+    :math:`\alpha = (DQ^\top)^{-1}DR^\top`; the new directions are :math:`Z - \beta^\top D`
+    with :math:`Z = RM` and :math:`\beta = (DQ^\top)^{-1}QZ^\top` (A-conjugate to :math:`D`),
+    re-orthonormalised by a QR factorisation each step, which keeps :math:`DQ^\top` as well
+    conditioned as :math:`A` itself; directions that are (to :math:`\sqrt{\epsilon}`)
+    combinations of the others — linearly dependent right-hand sides, duplicated test points,
+    converged rows — are deflated (zeroed) instead of normalised rounding noise, which would
+    break the conjugacy to earlier blocks (the breakdown of the plain block recursion;
+    Dubrulle 2001). Measured (``benchmarks/influence_peers.py``, MLP p = 25 450, 100 test
+    gradients, tol 1e-3): 13 iterations unpreconditioned against 106 for the vmapped CG, 11
+    against 27 with a rank-100 Nyström preconditioner; the same scores (Pearson 0.99995 with
+    the exact inverse). It stops when every row's residual is below ``tol``, after
+    ``maxiter`` steps, or when :math:`DQ^\top` is not positive definite (the operator is not
+    PD on the Krylov space: reported in ``message``); ``iterations`` is the block count for
+    every row. References: O'Leary, "The block conjugate gradient algorithm and related
+    methods", Linear Algebra Appl. 1980. Dubrulle, "Retooling the method of block conjugate
+    gradients", Electron. Trans. Numer. Anal. 2001.
 
     Returns:
-      :class:`Solution` with ``method='cg'``.
+      :class:`Solution` with ``method='cg'`` (``'block-cg'`` with ``block=True``).
     """
     b = jnp.asarray(b)
     if b.ndim not in (1, 2):
         raise ValueError(f"b must be (p,) or (m, p) right-hand sides; got shape {b.shape}")
+    if block and (b.ndim != 2 or not 1 <= b.shape[0] < b.shape[1]):
+        raise ValueError(f"block=True needs right-hand sides as rows (m, p) with 1 <= m < p; "
+                         f"got shape {b.shape} (use block=False)")
     if x0 is not None and jnp.shape(x0) != b.shape:
         raise ValueError(f"x0 has shape {jnp.shape(x0)}; it must match b's {b.shape}")
     op = _as_operator(matvec)
@@ -568,16 +600,18 @@ def cg(
     maxiter = 10 * p if maxiter is None else maxiter
     pre = _as_precond(precond)
     args = (jnp.asarray(tol, b.dtype), jnp.asarray(maxiter, jnp.int32), pre)
-    if b.ndim == 1:
-        x, k, res, conv, neg = _cg_core(op, b, x0, *args)
-    elif x0 is None:
-        x, k, res, conv, neg = _cg_batched_cold(op, b, None, *args)
+    x0 = None if x0 is None else jnp.asarray(x0, b.dtype)
+    if block:
+        core = _block_cg_core
     else:
-        x, k, res, conv, neg = _cg_batched(op, b, jnp.asarray(x0, b.dtype), *args)
+        core = _cg_core if b.ndim == 1 else _cg_batched_cold if x0 is None else _cg_batched
+    x, k, res, conv, neg = core(op, b, x0, *args)
     message = ""
     if _is_concrete(neg) and np.any(np.asarray(neg)):
-        message = "non-positive curvature p^T A p <= 0 met: the operator is not positive definite"
-    result = Solution(x, k, res, conv, "cg", message)
+        message = ("non-positive curvature (D A D^T not positive definite on the Krylov space)"
+                   if block else "non-positive curvature p^T A p <= 0 met") + \
+            ": the operator is not positive definite"
+    result = Solution(x, k, res, conv, "block-cg" if block else "cg", message)
     if warn:
         _warn_if_not_converged(result)
     return result
@@ -601,15 +635,11 @@ def _block_cg_core(
     maxiter: Array,
     precond: Partial | None,
 ) -> tuple[Array, Array, Array, Array, Array]:
-    """Block PCG on the rows of ``b`` ``(m, p)``; directions kept orthonormal (see block_cg)."""
+    """Block PCG on the rows of ``b`` ``(m, p)`` (``cg(..., block=True)``)."""
     apply = jax.vmap(op)
     pre = (lambda r: r) if precond is None else jax.vmap(precond)
     bnorm = jnp.linalg.norm(b, axis=1)
-    if x0 is None:
-        x, r = 0 * b, b  # never the operator on a compile-time zero (module docstring)
-    else:
-        x = jnp.asarray(x0, b.dtype)
-        r = b - apply(x)
+    x, r = _start(apply, b, x0)
     threshold = tol * bnorm
 
     def cond(state: tuple[Array, ...]) -> Array:
@@ -647,72 +677,7 @@ def _block_cg_core(
          jnp.full(b.shape[0], jnp.inf, b.dtype), jnp.asarray(0, jnp.int32)))
     res = _rel_norm(r, bnorm)
     converged = (res <= tol) & ~bad & jnp.all(jnp.isfinite(x), axis=1)
-    return x, k, res, converged, bad
-
-
-def block_cg(
-    matvec: MatVec | Array,
-    b: Array,
-    x0: Array | None = None,
-    tol: float | None = None,
-    maxiter: int | None = None,
-    precond: MatVec | Array | None = None,
-    warn: bool = True,
-) -> Solution:
-    r"""Block preconditioned CG (O'Leary 1980) for :math:`AX = B`, the ``m`` rows of ``b``
-    ``(m, p)`` solved in ONE shared Krylov space.
-
-    Each iteration applies the operator to ``m`` search directions at once (one batched
-    product, the cost of one iteration of the vmapped :func:`cg`) but takes the Galerkin step
-    on their whole span, so every right-hand side gains from the directions of all the others:
-    the space after :math:`k` steps has dimension up to :math:`km`, and the eigen-directions
-    the right-hand sides share (the top of a network's curvature spectrum) are found once for
-    all. With :math:`D` the current directions (rows) and :math:`Q = DA`,
-    :math:`X \mathrel{+}= \alpha^\top D`, :math:`\alpha = (DQ^\top)^{-1}DR^\top`; the new
-    directions are :math:`Z - \beta^\top D` with :math:`Z = RM` and
-    :math:`\beta = (DQ^\top)^{-1}QZ^\top` (A-conjugate to :math:`D`), re-orthonormalised by
-    a QR factorisation each step, which keeps :math:`DQ^\top` as well conditioned as
-    :math:`A` itself; directions that are (to :math:`\sqrt{\epsilon}`) combinations of the
-    others — linearly dependent right-hand sides, duplicated test points, converged rows — are
-    deflated (zeroed) instead of normalised rounding noise, which would break the conjugacy
-    to earlier blocks (the breakdown of the plain block recursion; Dubrulle 2001).
-
-    Measured (``benchmarks/influence_peers.py``, MLP p = 25 450, 100 test gradients, tol 1e-3):
-    13 iterations unpreconditioned against 106 for the vmapped :func:`cg`, 10 against 17 with
-    the rank-300 Nyström preconditioner; the same scores (Pearson 0.99995 with the exact
-    inverse). Stops when every row's recursive residual is below ``tol`` (relative), after
-    ``maxiter`` steps, or when :math:`DQ^\top` is not positive definite (the operator is not
-    PD on the Krylov space: reported in ``message``). ``iterations`` is the block count for
-    every row; ``residual`` the true relative residual per row. Needs ``1 <= m < p`` (use
-    :func:`cg` otherwise). Arguments as for :func:`cg`.
-
-    References: O'Leary, "The block conjugate gradient algorithm and related methods", Linear
-    Algebra Appl. 1980. Dubrulle, "Retooling the method of block conjugate gradients",
-    Electron. Trans. Numer. Anal. 2001.
-    """
-    b = jnp.asarray(b)
-    if b.ndim != 2 or not 1 <= b.shape[0] < b.shape[1]:
-        raise ValueError(f"block_cg needs right-hand sides as rows (m, p) with 1 <= m < p; got "
-                         f"shape {b.shape} (use solvers.cg)")
-    if x0 is not None and jnp.shape(x0) != b.shape:
-        raise ValueError(f"x0 has shape {jnp.shape(x0)}; it must match b's {b.shape}")
-    op = _as_operator(matvec)
-    tol = _default_tol(b.dtype, "cg") if tol is None else tol
-    maxiter = 10 * b.shape[1] if maxiter is None else maxiter
-    x, k, res, conv, bad = _block_cg_core(
-        op, b, None if x0 is None else jnp.asarray(x0, b.dtype), jnp.asarray(tol, b.dtype),
-        jnp.asarray(maxiter, jnp.int32), _as_precond(precond))
-    message = ""
-    if _is_concrete(bad) and bool(bad):
-        message = ("non-positive curvature: D^T A D is not positive definite on the Krylov "
-                   "space, so the operator is not positive definite")
-    # The block count for every row (on the host when concrete: no eager broadcast compile).
-    its = (jnp.asarray(np.full(b.shape[0], int(k), np.int32)) if _is_concrete(k)
-           else jnp.broadcast_to(k, (b.shape[0],)))
-    result = Solution(x, its, res, conv, "block-cg", message)
-    if warn:
-        _warn_if_not_converged(result)
-    return result
+    return x, jnp.broadcast_to(k, res.shape), res, converged, bad  # the block count per row
 
 
 # --------------------------------------------------------------------------------------------
@@ -946,12 +911,13 @@ class Cholesky:
 class CG:
     """Preconditioned CG (:func:`cg`): ``tol``, ``maxiter``, ``precond`` (an operator such as
     :func:`nystrom_preconditioner`, the diagonal as an array, or ``'jacobi'`` for a dense
-    matrix) and an optional warm start ``x0``."""
+    matrix), an optional warm start ``x0`` and ``block`` (block CG over the rows of ``b``)."""
 
     tol: float | None = None
     maxiter: int | None = None
     precond: Any = None
     x0: Array | None = None
+    block: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1067,7 +1033,7 @@ def linear_solve(
                 raise ValueError("precond='jacobi' needs a dense matrix; pass the diagonal")
             precond = jacobi_preconditioner(jnp.diag(jnp.asarray(a)), damping)
         result = cg(op, b, x0=solver.x0, tol=solver.tol, maxiter=solver.maxiter,
-                    precond=precond, warn=False)
+                    precond=precond, warn=False, block=solver.block)
         if result.message and check_curvature:
             raise _not_pd_error(undamped, first, damping, "cg") from None
         _warn_if_not_converged(result)
