@@ -504,14 +504,21 @@ def select_forget(
         Ties are broken by a seeded hash of the ids.
     """
     if kind in ("random", "hard"):
-        k = count if count is not None else int(round(fraction * len(ds)))
-        if k < 1:
-            raise ValueError(
-                f"fraction={fraction} of {len(ds)} examples selects nothing; raise fraction "
-                "or pass count."
-            )
+        if count is not None:
+            if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
+                raise ValueError(f"count={count!r}: pass the number of examples to forget, an "
+                                 "integer ≥ 1 (or leave count=None and pass fraction).")
+            k, arg = int(count), f"count={count}"
+        else:
+            k, arg = int(round(fraction * len(ds))), f"fraction={fraction}"
+            if k < 1:
+                raise ValueError(
+                    f"fraction={fraction} of {len(ds)} examples selects nothing; raise fraction "
+                    "or pass count."
+                )
         if k >= len(ds):
-            raise ValueError(f"count={k} would forget every example ({len(ds)}).")
+            raise ValueError(f"{arg} would forget every example ({k} of {len(ds)}); forget "
+                             "fewer.")
         if kind == "random":
             rng = np.random.default_rng(seed)
             return ds.ids[np.sort(rng.choice(len(ds), size=k, replace=False))]

@@ -172,9 +172,28 @@ def fit(
     if params is None:
         params = init_params(model, data, key, cfg.dtype)
     params = cast(params, cfg.dtype)
+    check_outputs(model, params, data, cfg.dtype)
     if cfg.solver == "lbfgs":
         return fit_lbfgs(model, data, cfg, params, w)
     return fit_sgd(model, data, cfg, key, params, w)
+
+
+def check_outputs(model: Model, params: Params, data: Dataset, dtype: str = "float32") -> None:
+    """A classifier must give one output per class of ``data``: otherwise ValueError naming
+    the model's output width and ``data.num_classes`` (checked by shape inference, before any
+    training; a wrong width would train to NaN and read as divergence). Models whose ``loss``
+    is not the cross-entropy (e.g. squared error) are not checked."""
+    loss = getattr(model, "loss", None)
+    if loss is not None and (loss if isinstance(loss, str) else getattr(loss, "name", None)) \
+            != "cross_entropy":
+        return
+    out = jax.eval_shape(model.apply, params, cast(jnp.asarray(data.x[:1]), dtype))
+    width = out.shape[-1] if out.ndim == 2 else out.shape[1:]
+    if width != data.num_classes:
+        raise ValueError(f"model {model.name!r} outputs {width} values per example but the data "
+                         f"{data.name!r} has num_classes={data.num_classes}: build the model "
+                         f"with {data.num_classes} outputs (e.g. models.make(name, "
+                         f"{data.num_classes})).")
 
 
 def fit_sgd(model: Model, data: Dataset, cfg: TrainConfig, key, params, w) -> Fit:

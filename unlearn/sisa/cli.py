@@ -1,7 +1,9 @@
 """Command line of the persistent SISA model: ``python -m unlearn.sisa ...``.
 
 Exit status: 0 success, 1 ``verify`` found a difference (or could not check), 2 a clear error
-(message on stderr, the directory unchanged)."""
+that names the wrong argument (message on stderr; every file of the directory but the lock
+files byte-identical, and a refused ``train`` leaves no directory it created; see
+:mod:`unlearn.sisa.store`)."""
 
 from __future__ import annotations
 
@@ -10,14 +12,12 @@ import json
 import os
 import sys
 
-import numpy as np
-
 from unlearn.sisa.store import (
     LOCK_TIMEOUT,
     ModelDirError,
     create,
+    evaluate,
     forget_persistent,
-    load,
     status,
     verify,
 )
@@ -44,8 +44,17 @@ def cli(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a new model directory")
     t.add_argument("dir")
-    t.add_argument("--data", required=True, help="digits, mnist1d, folder:PATH, ...")
-    t.add_argument("--model", default="mlp", choices=sorted(models_lib.REGISTRY))
+    t.add_argument("--data", required=True,
+                   help="a dataset name (digits, mnist1d, a TFDS name), folder:PATH (an image "
+                        "folder), arrays:PATH.npz (arrays x, y[, ids, num_classes]; copied into "
+                        "the directory) or package.module:function (a loader returning an "
+                        "unlearn.data.Split or Dataset)")
+    t.add_argument("--model", default="mlp",
+                   help=f"one of {', '.join(sorted(models_lib.REGISTRY))} (default %(default)s) "
+                        "or package.module:function, a factory returning an unlearn.models.Model")
+    t.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help="keyword arguments of the model as a JSON object, e.g. "
+                        "'{\"hidden\": [32]}' (default for cnn: small widths)")
     t.add_argument("--shards", type=int, default=4)
     t.add_argument("--slices", type=int, default=2)
     t.add_argument("--assignment", default="uniform", choices=["uniform", "class_balanced"])
@@ -55,7 +64,8 @@ def cli(argv: list[str] | None = None) -> int:
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--test-fraction", type=float, default=0.25,
-                   help="held-out share of the data (0 trains on everything)")
+                   help="held-out share of the data, in [0, 1) (default %(default)s); 0 "
+                        "trains on everything, and predict then has no test split to score")
     f = sub.add_parser("forget", help="forget examples by id (file name for image folders)")
     f.add_argument("dir")
     f.add_argument("--ids", nargs="+", required=True)
@@ -72,7 +82,17 @@ def cli(argv: list[str] | None = None) -> int:
         if a.cmd in ("train", "forget", "verify", "predict"):
             _compile_cache()
         if a.cmd == "train":
-            kw = {"features": (16, 32), "dense": 64} if a.model == "cnn" else {}
+            if a.model_kwargs is not None:
+                try:
+                    kw = json.loads(a.model_kwargs)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"--model-kwargs {a.model_kwargs!r} is not JSON ({e}); pass "
+                                     "a JSON object such as '{\"hidden\": [32]}'.") from e
+                if not isinstance(kw, dict):
+                    raise ValueError(f"--model-kwargs {a.model_kwargs!r} must be a JSON object "
+                                     "such as '{\"hidden\": [32]}'.")
+            else:
+                kw = {"features": (16, 32), "dense": 64} if a.model == "cnn" else {}
             st = create(a.dir, data=a.data, model=a.model, shards=a.shards, slices=a.slices,
                         assignment=a.assignment, overlap=a.overlap, epochs=a.epochs, lr=a.lr,
                         batch_size=a.batch_size, seed=a.seed, test_fraction=a.test_fraction,
@@ -82,15 +102,7 @@ def cli(argv: list[str] | None = None) -> int:
         elif a.cmd == "forget":
             out = forget_persistent(a.dir, a.ids, lock_timeout=a.lock_timeout)
         elif a.cmd == "predict":
-            from unlearn.sisa.train import predict
-
-            st, v, test = load(a.dir, need_train=False)
-            if len(test) == 0:
-                raise ValueError(f"{a.dir} has no held-out test examples (trained with "
-                                 "--test-fraction 0): nothing to score.")
-            acc = float(np.mean(np.argmax(np.asarray(predict(st, test.x, a.how)), -1) == test.y))
-            out = {"version": v, "test_accuracy": acc, "aggregation": a.how,
-                   "test_examples": len(test)}
+            out = evaluate(a.dir, a.how)
         elif a.cmd == "verify":
             out = verify(a.dir)
         else:

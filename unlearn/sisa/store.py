@@ -5,17 +5,48 @@ Layout of ``MODEL_DIR`` (format 2)::
 
     config.json        data, model, plan, training settings, seed (written once)
     layout.npz         every trained id, its shard, its earliest slice and a content hash
+    data.npz           only for ``--data arrays:PATH``: the examples, copied at training
+                       (forgotten rows are removed from it by the purge)
     ledger.jsonl       append-only: one JSON line per request (request 0 = training)
     units/<digest>/    one orbax PyTree checkpoint per (shard, stage): {variables, opt_state}
     versions/vNNNNNN.json  the served version's manifest: the unit digest of every (stage, shard)
     LOCK, READ.lock    OS locks (fcntl.flock): one writer; readers vs the purge
 
+**Sources.** ``--model`` is a name of :data:`unlearn.models.REGISTRY` or an importable factory
+``package.module:function`` called as ``function(**model_kwargs)`` that returns an
+:class:`unlearn.models.Model`; ``--data`` is a :func:`unlearn.data.load` name, ``arrays:PATH``
+(an ``.npz`` with ``x``, ``y`` and optionally ``ids`` and ``num_classes``, copied into the
+directory) or an importable loader ``package.module:function`` returning a
+:class:`~unlearn.data.Split` or :class:`~unlearn.data.Dataset`. ``config.json`` records the
+names and kwargs; every later command rebuilds the model and reloads the data from them (so a
+factory or loader must stay importable and deterministic: opening a directory imports the code
+it names — open only directories you trust). The content hash of every trained example
+(``layout.npz``) catches data that changed since training.
+
 **Commit point.** The ledger line of a request names the version it produced and the digest of
 that version's manifest. A request writes its new units (unique temp name, then rename), then
 the manifest, then appends its ledger line with ``O_APPEND`` and fsyncs the file and the
 directory — the commit — and then purges. The served version is the last complete ledger line:
-there is no separate pointer to get out of step. A torn last line (a crash mid-append) is not
-committed; the next writer truncates it.
+there is no separate pointer to get out of step.
+
+**The ledger's last line.** Every committed line ends in a newline (one ``write`` of the whole
+line). A last line without its newline is one of two things. If it parses as the next entry it
+is a whole line that lost only its newline: it is committed, and recovery appends the newline.
+If it does not parse it is an append torn by a crash before the commit — the previous version
+is still in place, its manifest on disk — so it is not committed: readers ignore it and
+recovery truncates it. A torn line *after* whose previous version was already purged is a
+committed line damaged since (a truncated file): an error asking for a backup; it is never
+"repaired" away, since that would drop a recorded deletion.
+
+**Refusals change nothing.** A command that refuses (exit 2: bad input, unknown ids, changed
+or missing data, a corrupt or busy directory, retraining that diverged) leaves every file of the
+directory byte-identical except the OS lock files ``LOCK`` and ``READ.lock``: every check runs
+before the first write. Recovery from an interrupted writer (the ledger tail above, purging its
+files, removing forgotten rows from ``data.npz``) is a write too, so only a command that gets
+past its checks does it: ``forget`` right before it writes its own request; ``status``,
+``verify``, ``predict`` and :func:`load` after their checks pass, and only when no writer is
+active. A refused ``train`` removes what it made: the directory (and parents) it created, or the
+files it added to an existing one.
 
 **Purge.** A unit (shard s, stage r) is trained on the examples of shard s in slices < r that
 were alive when it was trained. After a deletion every stored unit that saw a forgotten example
@@ -23,7 +54,7 @@ is deleted: forget retrains exactly those units, and every unit not referenced b
 manifest is removed (an unchanged unit has the same digest in both versions and is shared, so
 is kept). The store therefore holds one version; the ledger keeps the history. ``status``
 recomputes, from the ledger and the stored layout alone, that no stored unit has a forgotten
-example in its training set.
+example in its training set, and that ``data.npz`` holds no forgotten example.
 
 **Why not orbax's CheckpointManager.** A CheckpointManager step is one self-contained directory
 per version and can only delete whole steps. Here versions share most units (a one-id request
@@ -48,8 +79,11 @@ import errno
 import fcntl
 import functools
 import hashlib
+import importlib
+import inspect
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -64,12 +98,15 @@ FORMAT = 2
 LEDGER = "ledger.jsonl"
 CONFIG = "config.json"
 LAYOUT = "layout.npz"
+DATA_COPY = "data.npz"
 LOCK = "LOCK"
 READ_LOCK = "READ.lock"
 CURRENT = "CURRENT"  # format 1's pointer; its presence means an old directory
 UNITS = "units"
 VERSIONS = "versions"
 LOCK_TIMEOUT = 600.0
+ARRAY_KEYS = ("x", "y", "ids", "num_classes")
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 class ModelDirError(RuntimeError):
@@ -110,6 +147,16 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def _save_npz_atomic(path: Path, **arrays) -> None:
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 # ----------------------------------------------------------------------------- locks
 
 
@@ -123,17 +170,36 @@ def _holder(root: Path) -> str:
         return "another process (holder unknown)"
 
 
+def _open_lock(root: Path) -> int:
+    try:
+        return os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        raise ModelDirError(f"{root} does not exist (a refused `train` that had created it "
+                            "removed it while this command waited for the lock); nothing was "
+                            "changed.") from None
+
+
+def _is_linked(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (a refused ``train`` removes the lock file
+    it created; a process that waited on the old file must lock the new one)."""
+    st = os.fstat(fd)
+    try:
+        cur = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (cur.st_dev, cur.st_ino)
+
+
 @contextmanager
 def write_lock(root: Path, command: str, timeout: float = LOCK_TIMEOUT):
     """Exclusive writer lock on ``root`` (``fcntl.flock`` on ``root/LOCK``; released by the OS
     if the process dies). Waits up to ``timeout`` s, then fails naming the holder."""
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    t0 = time.monotonic()
+    fd = _open_lock(root)
     try:
-        t0 = time.monotonic()
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
@@ -143,13 +209,20 @@ def write_lock(root: Path, command: str, timeout: float = LOCK_TIMEOUT):
                         "that command to finish (or raise --lock-timeout) and run this one "
                         "again; nothing was changed.") from None
                 time.sleep(0.05)
+                continue
+            if _is_linked(fd, root / LOCK):
+                break
+            os.close(fd)
+            fd = -1
+            fd = _open_lock(root)
         info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                            "command": command, "since": time.time()})
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        if fd >= 0:
+            os.close(fd)  # closing the descriptor releases the lock
 
 
 @contextmanager
@@ -167,10 +240,13 @@ def _try_write_lock(root: Path):
     fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
     except OSError:
         os.close(fd)
         return None
+    if not _is_linked(fd, root / LOCK):
+        os.close(fd)
+        return None
+    return fd
 
 
 # ----------------------------------------------------------------------------- ledger
@@ -202,19 +278,15 @@ def _check_entry(e, path: Path, n: int, expect: int) -> dict:
     return e
 
 
-def read_ledger(root: str | Path, *, _torn: list | None = None) -> list[dict]:
-    """The committed requests of ``root``'s ledger, oldest first (request 0 = training).
-
-    A last line without its newline is a request torn by a crash mid-append: not committed,
-    ignored here (and truncated by the next writer). Any complete line that is not a ledger
-    entry of the right shape is an error."""
-    path = Path(root) / LEDGER
+def _scan_ledger(root: Path) -> tuple[list[dict], str | None, int]:
+    """``(committed entries, tail, tail bytes)``: ``tail`` is ``None`` (the file ends in a
+    newline), ``"newline"`` (the last line is a whole entry without its newline: committed) or
+    ``"torn"`` (a last line that does not parse: an append cut short, not committed)."""
+    path = root / LEDGER
     if not path.exists():
-        return []
+        return [], None, 0
     raw = path.read_bytes()
     end = raw.rfind(b"\n") + 1
-    if _torn is not None:
-        _torn.append(len(raw) - end)
     out = []
     for n, line in enumerate(raw[:end].decode("utf-8").splitlines()):
         try:
@@ -223,7 +295,25 @@ def read_ledger(root: str | Path, *, _torn: list | None = None) -> list[dict]:
             raise ModelDirError(f"{path} line {n + 1} is not JSON ({err}); the ledger is "
                                 "append-only: restore it from a backup.") from err
         out.append(_check_entry(e, path, n + 1, len(out)))
-    return out
+    tail = raw[end:]
+    if not tail:
+        return out, None, 0
+    try:
+        e = json.loads(tail.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return out, "torn", len(tail)
+    out.append(_check_entry(e, path, len(out) + 1, len(out)))
+    return out, "newline", 0
+
+
+def read_ledger(root: str | Path) -> list[dict]:
+    """The committed requests of ``root``'s ledger, oldest first (request 0 = training).
+
+    A last line without its newline that parses as the next entry is committed (it lost only
+    its newline); one that does not parse is a request torn by a crash mid-append: not
+    committed, ignored (module docstring). Any complete line that is not a ledger entry of the
+    right shape is an error. Reads only."""
+    return _scan_ledger(Path(root))[0]
 
 
 def _append_ledger(root: Path, entry: dict) -> None:
@@ -239,16 +329,24 @@ def _append_ledger(root: Path, entry: dict) -> None:
     _fsync_dir(root)
 
 
-def _repair_ledger(root: Path) -> None:
-    """Writer-only recovery: drop a torn (newline-less) last line left by a crash."""
+def _repair_ledger(root: Path) -> bool:
+    """Writer-only recovery of the ledger's last line (module docstring): truncate a torn
+    append, or give a whole last entry its missing newline. Returns whether it wrote."""
     path = root / LEDGER
-    torn: list = []
-    read_ledger(root, _torn=torn)
-    if torn and torn[0]:
+    _, tail, torn = _scan_ledger(root)
+    if tail == "torn":
         with open(path, "r+b") as f:
-            f.truncate(path.stat().st_size - torn[0])
+            f.truncate(path.stat().st_size - torn)
             f.flush()
             os.fsync(f.fileno())
+    elif tail == "newline":
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return tail is not None
 
 
 # ----------------------------------------------------------------------------- units
@@ -410,10 +508,16 @@ def _read_dir(root: Path) -> Dir:
     if cfg.get("format") != FORMAT:
         raise ModelDirError(f"{root}/{CONFIG} has format {cfg.get('format')!r}, expected "
                             f"{FORMAT}: retrain with this version of unlearn.")
-    ledger = read_ledger(root)
+    ledger, tail, torn = _scan_ledger(root)
     if not ledger:
         raise ModelDirError(f"{root} has no committed training (empty {LEDGER}): the `train` "
                             "command was interrupted; delete the directory and train again.")
+    if tail == "torn" and not _manifest_path(root, ledger[-1]["version"]).exists():
+        raise ModelDirError(
+            f"{root / LEDGER} ends in an incomplete line ({torn} bytes) and version "
+            f"{ledger[-1]['version']} before it has no manifest: that line was a committed "
+            "request (a crash mid-append leaves the previous version in place) and the file "
+            "was damaged since. Restore ledger.jsonl from a backup; nothing was changed.")
     return Dir(root, cfg, ids, shard, sl, content, ledger, _read_manifest(root, ledger[-1]))
 
 
@@ -435,10 +539,26 @@ def _stale(d: Dir) -> list[Path]:
     return out
 
 
+def _stored_forgotten(d: Dir) -> np.ndarray:
+    """The forgotten ids still in the directory's copy of the data (``arrays:`` sources)."""
+    name = d.cfg.get("data_copy")
+    if not name or not (d.root / name).exists():
+        return np.array([], str)
+    try:
+        with np.load(d.root / name, allow_pickle=False) as z:
+            ids = z["ids"].astype(str)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelDirError(f"{d.root / name} (the stored copy of the data) is corrupt ({e}); "
+                            "restore it from a backup.") from e
+    return ids[np.isin(ids, list(d.forgotten()))]
+
+
 def _purge(d: Dir) -> int:
-    """Delete every stale file (under the writer lock; waits for readers in flight)."""
+    """Delete every stale file and the forgotten rows of the stored data (under the writer
+    lock; waits for readers in flight). Returns the number of files deleted."""
     stale = _stale(d)
-    if stale:
+    scrub = len(_stored_forgotten(d)) > 0
+    if stale or scrub:
         with _flock(d.root / READ_LOCK, fcntl.LOCK_EX):
             for p in stale:
                 if p.is_dir():
@@ -448,34 +568,54 @@ def _purge(d: Dir) -> int:
                 _crash_point("during_purge")
             for sub in (UNITS, VERSIONS):
                 _fsync_dir(d.root / sub)
+            if scrub:
+                path = d.root / d.cfg["data_copy"]
+                with np.load(path, allow_pickle=False) as z:
+                    a = {k: z[k] for k in z.files}
+                keep = ~np.isin(a["ids"].astype(str), list(d.forgotten()))
+                _save_npz_atomic(path, x=a["x"][keep], y=a["y"][keep], ids=a["ids"][keep],
+                                 num_classes=a["num_classes"])
     return len(stale)
 
 
-def open_dir(root: str | Path, *, writer: bool = False) -> Dir:
-    """Read a model directory. A writer (holding the lock) repairs a torn ledger line and
-    purges stale files; a reader purges too when no writer is active, so the files of an
-    interrupted request do not outlive it."""
-    root = Path(root)
-    if writer:
-        _check_root(root)
-        _repair_ledger(root)
-        d = _read_dir(root)
-        _purge(d)
+def _recover_locked(root: Path) -> int:
+    """Finish what an interrupted writer left (the ledger's last line, stale files, forgotten
+    rows of the stored data). The caller holds the writer lock and has passed its checks."""
+    _read_dir(root)  # a damaged directory is an error before anything is repaired
+    _repair_ledger(root)
+    return _purge(_read_dir(root))
+
+
+def _recover(d: Dir) -> Dir:
+    """A reader's recovery, after its checks passed: only if something is left to finish and
+    no writer is active (module docstring). Returns the directory as read afterwards."""
+    _, tail, _ = _scan_ledger(d.root)
+    if tail is None and not _stale(d) and not len(_stored_forgotten(d)):
         return d
+    fd = _try_write_lock(d.root)
+    if fd is None:
+        return d
+    try:
+        _recover_locked(d.root)
+        return _read_dir(d.root)
+    finally:
+        os.close(fd)
+
+
+def open_dir(root: str | Path, *, writer: bool = False) -> Dir:
+    """Read a model directory, checking its config, layout, ledger and served manifest.
+
+    Reading never writes (a torn ledger line is ignored, stale files are not loaded). With
+    ``writer=True`` the caller holds the writer lock and wants the directory recovered first
+    (the ledger's last line repaired, stale files purged): a write, for a command that has
+    already passed its checks."""
+    root = Path(root)
     _check_root(root)  # before creating any lock file in a directory that is not a model
+    if writer:
+        _recover_locked(root)
+        return _read_dir(root)
     with _flock(root / READ_LOCK, fcntl.LOCK_SH):
-        d = _read_dir(root)
-        stale = _stale(d)
-    if stale:
-        fd = _try_write_lock(root)
-        if fd is not None:
-            try:
-                _repair_ledger(root)
-                d = _read_dir(root)
-                _purge(d)
-            finally:
-                os.close(fd)
-    return d
+        return _read_dir(root)
 
 
 # ----------------------------------------------------------------------------- data
@@ -488,35 +628,259 @@ def content_hash(ds) -> np.ndarray:
                                      digest_size=12).hexdigest() for i in range(len(ds))])
 
 
-def _load_data(d: Dir):
-    """(train set in layout order with zero rows for missing files, present mask, test set).
+def _import_callable(spec: str, flag: str):
+    """The callable named ``package.module:function`` (errors name ``flag``)."""
+    mod_name, _, attr = spec.partition(":")
+    if not (_DOTTED.fullmatch(mod_name) and _DOTTED.fullmatch(attr)):
+        raise ValueError(f"{flag} {spec!r} is not of the form package.module:function.")
+    try:
+        obj = importlib.import_module(mod_name)
+    except Exception as e:  # anything the user's module raises on import
+        raise ValueError(f"{flag} {spec!r}: cannot import module {mod_name!r} "
+                         f"({type(e).__name__}: {e}); make it importable (run from the "
+                         "directory that holds the package, or add it to PYTHONPATH).") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{flag} {spec!r}: {mod_name!r} has no attribute {attr!r}.")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{flag} {spec!r} is a {type(obj).__name__}, not a callable.")
+    return obj
 
-    Examples of the layout still on disk are checked against their stored content hash."""
+
+def _is_import_spec(spec: str) -> bool:
+    return spec.count(":") == 1 and all(map(_DOTTED.fullmatch, spec.split(":")))
+
+
+def _data_kind(spec: str) -> str:
+    """``arrays`` (``arrays:PATH``), ``loader`` (``package.module:function``) or ``load`` (a
+    :func:`unlearn.data.load` name: ``digits``, ``folder:PATH``, ``tfds:NAME``, ...)."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"--data {spec!r}: pass a dataset name, folder:PATH, arrays:PATH.npz "
+                         "or package.module:function.")
+    if spec.startswith("arrays:"):
+        return "arrays"
+    if not spec.startswith(("folder:", "tfds:")) and _is_import_spec(spec):
+        return "loader"
+    return "load"
+
+
+def _read_arrays(path: Path, label: str):
+    """The :class:`~unlearn.data.Dataset` of an ``.npz`` with ``x``, ``y`` and optionally
+    ``ids`` (unique strings; default ``"0".."n-1"``) and ``num_classes`` (default max(y)+1).
+    Errors start with ``label`` (the argument that named the file)."""
+    import zipfile
+
     from unlearn import data as data_lib
-    from unlearn.data import Dataset
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{label}: {path} is not a file; pass arrays:PATH with PATH an "
+                                ".npz written by np.savez(PATH, x=..., y=..., ids=...).")
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("an .npy array, not an .npz archive of named arrays")
+        with z:
+            a = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        hint = (" (an object array: save ids as strings, np.array(ids, dtype=str))"
+                if "Object arrays" in str(e) else "")
+        raise ValueError(f"{label}: {path} is not a readable .npz of arrays x, y[, ids, "
+                         f"num_classes] ({e}){hint}.") from e
+    unknown = sorted(set(a) - set(ARRAY_KEYS))
+    missing = [k for k in ("x", "y") if k not in a]
+    if unknown or missing:
+        raise ValueError(f"{label}: {path} holds arrays {sorted(a)}; it needs x and y and may "
+                         f"have ids and num_classes (missing {missing}, unknown {unknown}).")
+    x, y = a["x"], a["y"]
+    if x.ndim < 2 or x.dtype.kind not in "biuf":
+        raise ValueError(f"{label}: x has shape {x.shape} and dtype {x.dtype}; it must be a "
+                         "numeric array with one row per example, shape (n, features...).")
+    ids = None
+    if "ids" in a:
+        ids = a["ids"]
+        if ids.shape != y.shape or ids.dtype.kind not in "USiu":
+            raise ValueError(f"{label}: ids has shape {ids.shape} and dtype {ids.dtype}; pass "
+                             f"one string per example, shape {y.shape}.")
+        ids = ids.astype(str)
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"{label}: ids {uniq[counts > 1][:10].tolist()} appear more than "
+                             "once; every example needs its own id.")
+    nc = None
+    if "num_classes" in a:
+        v = a["num_classes"]
+        if v.size != 1 or v.dtype.kind not in "iu" or int(v.reshape(())) < 1:
+            raise ValueError(f"{label}: num_classes={v.tolist()!r}; pass one integer ≥ 1.")
+        nc = int(v.reshape(()))
+    try:
+        return data_lib.make(x, y, num_classes=nc, ids=ids, name="arrays")
+    except ValueError as e:
+        raise ValueError(f"{label}: {e}") from e
+
+
+def _join(split, label: str):
+    """Train and test of a split as one dataset (train first)."""
+    a, b = split.train, split.test
+    if len(b) == 0:
+        return a
+    try:
+        return dataclasses.replace(a, x=np.concatenate([a.x, b.x]),
+                                   y=np.concatenate([a.y, b.y]),
+                                   ids=np.concatenate([a.ids, b.ids]).astype(str))
+    except ValueError as e:
+        raise ValueError(f"{label}: its train and test parts cannot be joined ({e}).") from e
+
+
+def _call_loader(spec: str):
+    """A ``package.module:function`` loader's result: a Split or a Dataset."""
+    from unlearn.data import Dataset, Split
+
+    fn = _import_callable(spec, "--data")
+    try:
+        got = fn()
+    except Exception as e:
+        raise ValueError(f"--data {spec!r}: the loader raised {type(e).__name__}: {e}") from e
+    if not isinstance(got, (Split, Dataset)):
+        raise ValueError(f"--data {spec!r} returned a {type(got).__name__}; a loader returns an "
+                         "unlearn.data.Split or unlearn.data.Dataset.")
+    return got
+
+
+def _training_data(data: str, seed: int, test_fraction: float):
+    """``(train set, dataset to store in the directory or None)`` for ``create``."""
+    from unlearn import data as data_lib
+    from unlearn.data import Split
+
+    kind = _data_kind(data)
+
+    def split(ds):
+        if test_fraction == 0:
+            return ds
+        return data_lib.split(ds, test_fraction=test_fraction, seed=seed).train
+
+    if kind == "arrays":
+        full = _read_arrays(Path(data.removeprefix("arrays:")).expanduser(), f"--data {data}")
+        return split(full), full
+    if kind == "loader":
+        got = _call_loader(data)
+        if not isinstance(got, Split):
+            return split(got), None
+        return (_join(got, f"--data {data}") if test_fraction == 0 else got.train), None
+    # data.load refuses test_fraction 0 (no split): any fraction gives the same union
+    got = data_lib.load(data, seed=seed, test_fraction=test_fraction or 0.25)
+    return (_join(got, f"--data {data}") if test_fraction == 0 else got.train), None
+
+
+def _all_data(d: Dir):
+    """Every example of the directory's data source now (train and test)."""
+    from unlearn import data as data_lib
+    from unlearn.data import Split
 
     c = d.cfg
-    split = data_lib.load(c["data"], seed=c["seed"], test_fraction=c.get("test_fraction", 0.25))
-    full_x = np.concatenate([split.train.x, split.test.x])
-    full_y = np.concatenate([split.train.y, split.test.y])
-    full_ids = np.concatenate([split.train.ids, split.test.ids]).astype(str)
+    if c.get("data_copy"):
+        path = d.root / c["data_copy"]
+        try:
+            return _read_arrays(path, f"{path} (the copy of --data {c['data']})")
+        except (ValueError, FileNotFoundError) as e:
+            raise ModelDirError(f"{e}; restore the directory from a backup.") from e
+    if _data_kind(c["data"]) == "loader":
+        try:
+            got = _call_loader(c["data"])
+        except ValueError as e:
+            raise ModelDirError(f"{d.root / CONFIG} names the data loader {c['data']!r}, which "
+                                f"fails now: {e}") from e
+        return _join(got, f"--data {c['data']}") if isinstance(got, Split) else got
+    split = data_lib.load(c["data"], seed=c["seed"], test_fraction=c.get("test_fraction") or 0.25)
+    return _join(split, f"--data {c['data']}")
+
+
+def _load_data(d: Dir):
+    """(train set in layout order with zero rows for missing examples, present mask, test set).
+
+    Examples of the layout still in the data are checked against their stored content hash;
+    the test set is every example of the source that is not in the layout."""
+    from unlearn.data import Dataset
+
+    full = _all_data(d)
+    if full.num_classes != d.cfg["num_classes"]:
+        raise ModelDirError(f"the data {d.cfg['data']!r} now has {full.num_classes} classes but "
+                            f"the model was trained on {d.cfg['num_classes']}; restore the data "
+                            "as it was at training.")
+    full_x, full_y, full_ids = full.x, full.y, full.ids.astype(str)
     index = {k: i for i, k in enumerate(full_ids.tolist())}
     rows = np.array([index.get(i, -1) for i in d.ids.tolist()])
     present = rows >= 0
     x = np.zeros((len(d.ids), *full_x.shape[1:]), full_x.dtype)
     y = np.zeros(len(d.ids), full_y.dtype)
     x[present], y[present] = full_x[rows[present]], full_y[rows[present]]
-    tr = Dataset(x, y, d.ids, split.train.num_classes, split.train.name)
+    tr = Dataset(x, y, d.ids, full.num_classes, full.name)
     got = content_hash(tr.subset(present))
     changed = d.ids[present][got != d.content[present]]
     if len(changed):
-        raise ModelDirError(f"files {changed[:10].tolist()} changed since the model was trained "
-                            "(content hash differs); restore the originals — exact forgetting "
-                            "needs the training data as it was.")
+        raise ModelDirError(f"examples {changed[:10].tolist()} changed since the model was "
+                            "trained (content hash differs); restore the originals — exact "
+                            "forgetting needs the training data as it was.")
     in_layout = np.isin(full_ids, d.ids)
     test = Dataset(full_x[~in_layout], full_y[~in_layout], full_ids[~in_layout],
-                   split.train.num_classes, split.train.name)
+                   full.num_classes, full.name)
     return tr, present, test
+
+
+def _model_kwargs_json(kwargs) -> str:
+    """``--model-kwargs`` as canonical JSON (what config.json records and every command
+    rebuilds the model from), or a clear error."""
+    if kwargs is None:
+        return "{}"
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(f"--model-kwargs {kwargs!r} must be a JSON object of keyword arguments, "
+                         "e.g. '{\"hidden\": [32]}'.")
+    try:
+        return json.dumps(kwargs, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--model-kwargs {kwargs!r} must be JSON (numbers, strings, lists, "
+                         f"objects): {e}.") from e
+
+
+def build_model(name: str, num_classes: int, kwargs_json: str = "{}"):
+    """The model ``--model name`` / ``--model-kwargs`` describe: a registry name (built with
+    ``num_classes``) or a factory ``package.module:function`` called as ``function(**kwargs)``
+    that must return an :class:`unlearn.models.Model`. One object per configuration and process
+    (compile caches are keyed on the model's functions). Errors name the argument."""
+    from unlearn import models as models_lib
+
+    if isinstance(name, str) and ":" in name:
+        return _factory_model(name, kwargs_json)
+    if name not in models_lib.REGISTRY:
+        raise ValueError(f"--model {name!r} is neither a model name "
+                         f"({', '.join(sorted(models_lib.REGISTRY))}) nor a factory "
+                         "package.module:function.")
+    try:
+        return _model(name, num_classes, kwargs_json)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--model-kwargs {kwargs_json} do not fit --model {name}: {e}") from e
+
+
+@functools.lru_cache(maxsize=16)
+def _factory_model(spec: str, kwargs_json: str):
+    from unlearn.models import Model
+
+    fn = _import_callable(spec, "--model")
+    kw = json.loads(kwargs_json)
+    try:
+        inspect.signature(fn).bind(**kw)
+    except TypeError as e:
+        raise ValueError(f"--model-kwargs {kwargs_json} do not fit {spec}: {e}.") from e
+    except ValueError:  # no signature (a builtin): let the call tell
+        pass
+    try:
+        m = fn(**kw)
+    except Exception as e:
+        raise ValueError(f"--model {spec}: the factory raised {type(e).__name__}: {e}") from e
+    if not isinstance(m, Model):
+        raise ValueError(f"--model {spec} returned a {type(m).__name__}, not an "
+                         "unlearn.models.Model (init, apply, name, ...).")
+    return m
 
 
 def _model_and_cfg(d: Dir):
@@ -526,8 +890,12 @@ def _model_and_cfg(d: Dir):
     from unlearn.train import TrainConfig
 
     c = d.cfg
-    model = _model(c["model"], c["num_classes"], json.dumps(c.get("model_kwargs", {}),
-                                                            sort_keys=True))
+    kw = json.dumps(c.get("model_kwargs", {}), sort_keys=True)
+    try:
+        model = build_model(c["model"], c["num_classes"], kw)
+    except ValueError as e:
+        raise ModelDirError(f"{d.root / CONFIG} names the model {c['model']!r} with kwargs {kw}, "
+                            f"which cannot be rebuilt now: {e}") from e
     return model, TrainConfig(**c["train"]), Plan(**c["plan"]), jax.random.key(c["seed"])
 
 
@@ -594,64 +962,140 @@ def _write_version(root: Path, version: int, ckpts, units_meta: list) -> str:
 # ----------------------------------------------------------------------------- commands
 
 
+def _plan(shards, slices, assignment, overlap):
+    """A :class:`~unlearn.sisa.plan.Plan`; its errors name the command-line flag."""
+    from unlearn.sisa.plan import Plan
+
+    try:
+        return Plan(shards, slices, assignment, overlap)
+    except ValueError as e:
+        field, _, _ = str(e).partition("=")
+        head, _, tail = str(e).partition(":")
+        raise ValueError(f"{head} (--{field}):{tail}") from None
+
+
+def _check_fraction(test_fraction) -> None:
+    import math
+
+    ok = isinstance(test_fraction, (int, float)) and not isinstance(test_fraction, bool) \
+        and math.isfinite(test_fraction) and 0 <= test_fraction < 1
+    if not ok:
+        raise ValueError(f"test_fraction={test_fraction!r} (--test-fraction): pass a fraction in "
+                         "[0, 1); 0 trains on everything (no test split).")
+
+
+def _mkdirs(root: Path) -> list[Path]:
+    """Create ``root`` and missing parents; returns the directories created, deepest first."""
+    made, p = [], root
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    root.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _undo_train(root: Path, before: set[str], made: list[Path], lock_existed: bool) -> None:
+    """Remove what a refused ``train`` added (called under the writer lock, so nothing else
+    wrote meanwhile): the files it created, its lock file, and the directories it created."""
+    for name in set(os.listdir(root)) - before:
+        q = root / name
+        shutil.rmtree(q, ignore_errors=True) if q.is_dir() else q.unlink(missing_ok=True)
+    if not lock_existed:  # waiters notice the unlinked file and lock a new one (write_lock)
+        (root / LOCK).unlink(missing_ok=True)
+    for q in made:
+        try:
+            q.rmdir()  # only if empty: never someone else's files
+        except OSError:
+            break
+
+
 def create(root: str | Path, *, data: str, model: str = "mlp", shards: int = 4, slices: int = 2,
            assignment: str = "uniform", overlap: float = 0.0, epochs: int = 20,
            lr: float = 1e-3, batch_size: int = 32, l2: float = 1e-4, seed: int = 0,
            test_fraction: float = 0.25, model_kwargs: dict | None = None,
            lock_timeout: float = LOCK_TIMEOUT):
-    """Train a SISA model on dataset ``data`` and commit it as version 0 of ``root``."""
+    """Train a SISA model on ``data`` and commit it as version 0 of ``root``.
+
+    ``model``: a registry name or a factory ``package.module:function`` (called with
+    ``model_kwargs``); ``data``: a :func:`unlearn.data.load` name, ``arrays:PATH.npz`` (copied
+    into ``root``) or a loader ``package.module:function`` (module docstring).
+    ``test_fraction`` in [0, 1): the held-out share (0: train on everything, no test split; a
+    loader's own Split is kept as it is unless 0). Every input error is found before ``root``
+    is made; a refused run (an error, also diverged training) leaves nothing behind: ``root``
+    and its parents are removed if it created them, else the files it added. Errors name the
+    argument (``--shards``, ``--model``, ...)."""
     import jax
 
-    from unlearn import data as data_lib
-    from unlearn import models as models_lib
-    from unlearn.sisa.plan import Plan, check_config, check_finite, check_model
+    from unlearn.sisa.plan import check_config, check_finite, check_model, make_layout
     from unlearn.sisa.train import train
     from unlearn.train import TrainConfig, bucket
 
     root = Path(root)
-    plan = Plan(shards, slices, assignment, overlap)
+    plan = _plan(shards, slices, assignment, overlap)
     from types import SimpleNamespace
 
     check_config(SimpleNamespace(epochs=epochs, lr=lr, batch_size=batch_size, l2=l2))
     tc = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, l2=l2)
+    _check_fraction(test_fraction)
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"{root} is a file; pass a directory for the model.")
     taken = (root / LEDGER, root / CONFIG, root / CURRENT)
     if any(p.exists() for p in taken):
         raise FileExistsError(f"{root} already holds a SISA model; pick a new directory or "
                               "delete it first.")
+    used = [n for n in (LAYOUT, DATA_COPY, UNITS, VERSIONS) if (root / n).exists()]
+    if used:
+        raise FileExistsError(f"{root} already holds {used}, which a model directory uses; "
+                              "pick a new or empty directory.")
     # everything that can be wrong with the input is found before the directory is made
-    split = data_lib.load(data, seed=seed, test_fraction=test_fraction)
-    ds = split.train
-    m = models_lib.make(model, ds.num_classes, **(model_kwargs or {}))
-    check_model(m, ds, tc.dtype)
-    root.mkdir(parents=True, exist_ok=True)
+    kw_json = _model_kwargs_json(model_kwargs)
+    ds, copy = _training_data(data, seed, test_fraction)
+    m = build_model(model, ds.num_classes, kw_json)
+    try:
+        check_model(m, ds, tc.dtype)
+    except ValueError as e:
+        raise ValueError(f"--model {model} (--model-kwargs {kw_json}) does not fit --data "
+                         f"{data}: {e}") from e
+    key = jax.random.key(seed)
+    if plan.shards > len(ds):
+        raise ValueError(f"shards={shards} (--shards) is more than the {len(ds)} training "
+                         "examples of --data: use at most one shard per example (far fewer in "
+                         "practice).")
+    layout = make_layout(plan, ds, key)
+    made = _mkdirs(root)
+    lock_existed = (root / LOCK).exists()
+    # a lock that times out belongs to another `train` of the same directory: nothing to undo
     with write_lock(root, "train", lock_timeout):
         if any(p.exists() for p in taken):
             raise FileExistsError(f"{root} already holds a SISA model (written by another "
                                   "process meanwhile); pick a new directory.")
-        state = train(m, ds, tc, plan, jax.random.key(seed))
-        check_finite(state.ckpts)
-        cfgd = {"format": FORMAT, "data": data, "model": model, "model_kwargs": model_kwargs or {},
-                "seed": seed, "test_fraction": test_fraction, "num_classes": ds.num_classes,
-                "plan": dataclasses.asdict(plan),
-                "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "l2": l2}}
-        tmp = _tmp_name(root / LAYOUT)
-        with open(tmp, "wb") as f:
-            np.savez(f, ids=state.layout.ids, shard=state.layout.shard,
-                     slice=state.layout.slice, content=content_hash(ds))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / LAYOUT)
-        (root / UNITS).mkdir(exist_ok=True)
-        k = bucket(plan.shards)
-        meta = [[{"request": 0, "slots": k} for _ in range(plan.shards)]
-                for _ in range(plan.slices + 1)]
-        digest = _write_version(root, 0, state.ckpts, meta)
-        _write_atomic(root / CONFIG, json.dumps(cfgd, indent=1, ensure_ascii=False))
-        _append_ledger(root, {"request": 0, "op": "train", "version": 0, "ids": [],
-                              "digest": digest, "time": time.time(), "pid": os.getpid(),
-                              "host": socket.gethostname()})
+        before = set(os.listdir(root))
+        try:
+            state = train(m, ds, tc, plan, key, layout=layout)
+            check_finite(state.ckpts)
+            cfgd = {"format": FORMAT, "data": data, "model": model,
+                    "model_kwargs": json.loads(kw_json), "seed": seed,
+                    "test_fraction": test_fraction, "num_classes": ds.num_classes,
+                    "plan": dataclasses.asdict(plan),
+                    "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "l2": l2}}
+            if copy is not None:
+                _save_npz_atomic(root / DATA_COPY, x=copy.x, y=copy.y, ids=copy.ids,
+                                 num_classes=np.int64(copy.num_classes))
+                cfgd["data_copy"] = DATA_COPY
+            _save_npz_atomic(root / LAYOUT, ids=state.layout.ids, shard=state.layout.shard,
+                             slice=state.layout.slice, content=content_hash(ds))
+            (root / UNITS).mkdir(exist_ok=True)
+            k = bucket(plan.shards)
+            meta = [[{"request": 0, "slots": k} for _ in range(plan.shards)]
+                    for _ in range(plan.slices + 1)]
+            digest = _write_version(root, 0, state.ckpts, meta)
+            _write_atomic(root / CONFIG, json.dumps(cfgd, indent=1, ensure_ascii=False))
+            _append_ledger(root, {"request": 0, "op": "train", "version": 0, "ids": [],
+                                  "digest": digest, "time": time.time(), "pid": os.getpid(),
+                                  "host": socket.gethostname()})
+        except BaseException:
+            _undo_train(root, before, made, lock_existed)
+            raise
     return state
 
 
@@ -660,9 +1104,31 @@ def load(root: str | Path, *, need_train: bool = True):
 
     ``state.data`` holds every trained id in layout order (a forgotten example whose file was
     deleted is a zero row, never trained on: ``alive`` is False). A retained example whose file
-    is missing is an error unless ``need_train=False`` (prediction)."""
+    is missing is an error unless ``need_train=False`` (prediction). After the checks pass it
+    finishes an interrupted writer's work if no writer is active (module docstring)."""
     st, d, test, _ = _state(open_dir(root), need_train)
+    _recover(d)
     return st, d.version, test
+
+
+def evaluate(root: str | Path, how: str = "mean_prob") -> dict:
+    """Test accuracy of the served ensemble on the held-out split (``predict``). A model
+    trained with ``test_fraction=0`` has no held-out split: that is an error saying so."""
+    from unlearn.sisa.train import predict
+
+    if how not in ("mean_prob", "vote"):
+        raise ValueError(f"how={how!r} (--how): choose 'mean_prob' or 'vote'.")
+    st, d, test, _ = _state(open_dir(root), need_train=False)
+    if len(test) == 0:
+        why = ("it was trained with --test-fraction 0, on every example"
+               if d.cfg.get("test_fraction") == 0 else "its data has no example outside the "
+               "training set")
+        raise ValueError(f"{root} has no held-out test split to score ({why}); predict "
+                         "measures test accuracy, so there is nothing to measure.")
+    _recover(d)
+    acc = float(np.mean(np.argmax(np.asarray(predict(st, test.x, how)), -1) == test.y))
+    return {"version": d.version, "test_accuracy": acc, "aggregation": how,
+            "test_examples": len(test)}
 
 
 def _state(d: Dir, need_train: bool):
@@ -744,7 +1210,10 @@ def forget_persistent(root: str | Path, names: Sequence[str], *,
     """Serve one deletion request on a model directory (under the writer lock).
 
     Order: retrain the affected units; save the new units and the manifest; append the ledger
-    line (the commit point); purge every unit trained on a forgotten example. A crash before the
+    line (the commit point); purge every unit trained on a forgotten example (and the forgotten
+    rows of a stored ``data.npz``). Every check — ids, data, checkpoints, the retraining itself —
+    runs before the first write, so a refused request (an error) leaves the directory as it was,
+    recovery of an interrupted writer included (module docstring). A crash before the
     ledger line leaves the old version served and the request repeatable; a crash after it is a
     committed request whose purge the next open finishes. An id forgotten by an earlier request
     is reported ("already forgotten by request N") and skipped; a request of only such ids is a
@@ -757,7 +1226,7 @@ def forget_persistent(root: str | Path, names: Sequence[str], *,
     root = Path(root)
     _check_root(root)
     with write_lock(root, "forget " + " ".join(map(str, names))[:200], lock_timeout):
-        d = open_dir(root, writer=True)
+        d = open_dir(root)  # reads only: every check below runs before the first write
         gone = d.forgotten()
         ids, held_out, errs = _resolve(d.ids, names, (), "--ids")
         if errs:  # names outside the training set: are they held-out test examples?
@@ -772,6 +1241,7 @@ def forget_persistent(root: str | Path, names: Sequence[str], *,
         already = {i: gone[i] for i in ids if i in gone}
         todo = [i for i in ids if i not in gone]
         if not todo:
+            _recover_locked(root)
             return {"noop": True, "version": d.version, "not_trained_on": notes,
                     "already_forgotten": {i: f"already forgotten by request {n}"
                                           for i, n in already.items()}}
@@ -784,6 +1254,9 @@ def forget_persistent(root: str | Path, names: Sequence[str], *,
                                 "restore those files, or add them to --ids.")
         new, stats = forget(state, todo)
         check_finite(new.ckpts, "retraining")
+        # the checks passed: from here on the directory changes. First finish what an
+        # interrupted writer left (a torn ledger line must go before this request's line).
+        _recover_locked(root)
         pos = new.layout.positions(todo)
         shards = np.unique(new.layout.shard[pos])
         start = {int(s): int(new.layout.slice[pos][new.layout.shard[pos] == s].min())
@@ -817,6 +1290,7 @@ def verify(root: str | Path) -> dict:
     from unlearn.sisa.train import _data_arrays, _init_stack, _run_stages
 
     state, d, _, present = _state(open_dir(root), need_train=False)
+    _recover(d)
     version = d.version
     lay = state.layout
     missing = state.data.ids[state.alive & ~present]
@@ -889,8 +1363,9 @@ def _put(dst, src, s, a, b):
 
 def status(root: str | Path) -> dict:
     """Version served, requests, forgotten ids, shard sizes and the provenance of every stored
-    checkpoint — computed from the directory alone (no data, no JAX compilation)."""
-    d = open_dir(root)
+    checkpoint — computed from the directory alone (no data, no model code, no JAX
+    compilation). It first finishes an interrupted writer's work when no writer is active."""
+    d = _recover(open_dir(root))
     gone = d.forgotten()
     plan = d.cfg["plan"]
     S, R = plan["shards"], plan["slices"]
@@ -912,10 +1387,14 @@ def status(root: str | Path) -> dict:
     stored = {q.name for q in (d.root / UNITS).iterdir()}
     listed = {u["digest"] for u in units}
     return {"version": d.version, "requests": len(d.ledger) - 1, "forgotten": len(gone),
+            "model": d.cfg["model"], "model_kwargs": d.cfg.get("model_kwargs", {}),
+            "data": d.cfg["data"], "test_fraction": d.cfg.get("test_fraction"),
             "shards": S, "slices": R,
             "shard_sizes": np.bincount(d.shard[alive], minlength=S).tolist(),
             "consistent_with_request": d.version,
             "checkpoints_stored": len(stored),
             "checkpoints_trained_on_forgotten_data": len(bad),
+            "stored_data": d.cfg.get("data_copy"),
+            "forgotten_examples_in_stored_data": int(len(_stored_forgotten(d))),
             "unreferenced_files": sorted(stored - listed),
             "provenance": units}
