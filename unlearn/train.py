@@ -182,7 +182,10 @@ def check_outputs(model: Model, params: Params, data: Dataset, dtype: str = "flo
     """A classifier must give one output per class of ``data``: otherwise ValueError naming
     the model's output width and ``data.num_classes`` (checked by shape inference, before any
     training; a wrong width would train to NaN and read as divergence). Models whose ``loss``
-    is not the cross-entropy (e.g. squared error) are not checked."""
+    is not the cross-entropy (e.g. squared error), and data whose targets are not classes, are
+    not checked."""
+    if getattr(data, "targets", "classes") != "classes":
+        return
     loss = getattr(model, "loss", None)
     if loss is not None and (loss if isinstance(loss, str) else getattr(loss, "name", None)) \
             != "cross_entropy":
