@@ -2,7 +2,7 @@
 
 Every module of ``unlearn`` belongs to one layer; ``experiments`` and ``benchmarks`` sit on top:
 
-    0 data, models, objective, augment, results, plotting     (import nothing of unlearn above)
+    0 data, models, objective, task, augment, results, plotting    (import nothing of unlearn above)
     1 engine, train
     2 curvature, solvers, kfac
     3 influence, certified, sisa.*
@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "unlearn.data": 0,
     "unlearn.models": 0,
     "unlearn.objective": 0,
+    "unlearn.task": 0,
     "unlearn.augment": 0,
     "unlearn.results": 0,
     "unlearn.plotting": 0,

@@ -84,7 +84,7 @@ def test_newton_removal_tracks_retraining(fitted, k):
 
 def test_certified_uses_binary_constants_and_bounds_hold(fitted):
     problem, star = fitted
-    assert certified.constants(star.params) == (certified.GAMMA_BINARY, certified.C_BINARY)
+    assert certified.constants(problem.model) == (certified.GAMMA_BINARY, certified.C_BINARY)
     u = methods.get("certified", epsilon=1e6, sigma=1.0)
     st = u.prepare(problem, star)
     ids = data.select_forget(problem.train, count=4, seed=0)

@@ -181,13 +181,20 @@ def worst_case_bound(m: int, n: int, l2: float, r: float, *, b_norm: float = 0.0
     return gamma * r ** 3 * delta ** 2 / (l2 ** 2 * (n - m))
 
 
-def constants(params: Params) -> tuple[float, float]:
-    r"""(:math:`\gamma`, :math:`C`) for the model whose params these are: Guo et al.'s binary
-    constants for one sigmoid score (a ``(d, 1)`` kernel, ``models.binary_logreg``), the softmax
-    ones otherwise."""
-    if influence._is_binary_logistic(params):
+def constants(model) -> tuple[float, float]:
+    r"""(:math:`\gamma`, :math:`C`) for the model's *declared* structure: Guo et al.'s binary
+    constants for one sigmoid score (``curvature="binary_logistic"``, ``models.binary_logreg``),
+    the softmax ones for ``"softmax_regression"`` (``models.logreg``). The bounds are proved
+    for these losses only; any other task is refused."""
+    kind = getattr(model.apply, "curvature", None)
+    if kind == "binary_logistic":
         return GAMMA_BINARY, C_BINARY
-    return GAMMA_SOFTMAX, C_SOFTMAX
+    if kind == "softmax_regression":
+        return GAMMA_SOFTMAX, C_SOFTMAX
+    raise ValueError(
+        f"certified removal's bounds (Guo et al. 2020) hold for logistic/softmax regression; "
+        f"task {model.name!r} declares curvature={kind!r}. Use models.logreg/binary_logreg, or "
+        "declare curvature='softmax_regression' only if the model is exactly that.")
 
 
 def draw_noise(key: jax.Array, params: Params, sigma: float, dtype: str) -> jax.Array:
@@ -229,7 +236,7 @@ def newton_removal(problem: Problem, params: Params, w_prev: np.ndarray, w: np.n
     x = cast(jnp.asarray(tr.x), dtype)
     y = jnp.asarray(tr.y)
     wj = cast(jnp.asarray(w), dtype)
-    gamma, c = constants(params)
+    gamma, c = constants(problem.model)
     n_prev = float(np.sum(w_prev))
     m = int(round(n_prev - float(np.sum(w))))
     r_prev = residual_norm(problem, params, w_prev, b)

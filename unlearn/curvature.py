@@ -11,10 +11,12 @@ The objective used throughout the project is
     L(\theta) = \frac{\sum_i w_i\, \ell(f_\theta(x_i), y_i)}{\max(\sum_i w_i, 1)}
                 + \frac{\lambda}{2}\lVert\theta\rVert^2,
 
-with :math:`\ell` the softmax cross-entropy on integer labels and the L2 penalty on *all*
-parameters (biases included). Curvature is always with respect to the flattened parameter
-vector produced by :func:`jax.flatten_util.ravel_pytree`, so a ``(p, p)`` Hessian, an HVP and a
-per-example gradient matrix all index parameters the same way.
+with :math:`\ell` the task's per-example loss (``unlearn.objective.loss_of(apply)``: the
+softmax cross-entropy unless ``apply`` comes from a :class:`unlearn.task.Task` that declares
+another) and the L2 penalty on *all* parameters (biases included). Curvature is always with
+respect to the flattened parameter vector produced by :func:`jax.flatten_util.ravel_pytree`,
+so a ``(p, p)`` Hessian, an HVP and a per-example gradient matrix all index parameters the
+same way.
 
 * :func:`hessian` — exact :math:`\nabla^2 L`, accumulated over chunks of examples with
   ``lax.scan`` (memory :math:`O(p^2)`, not :math:`O(n p^2)`).
@@ -52,7 +54,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
-from unlearn.objective import cross_entropy, normaliser, objective
+from unlearn.objective import loss_of, normaliser, objective
 
 Array = jax.Array
 PyTree = Any
@@ -155,7 +157,7 @@ def hessian(
     _, (xs, ys, ws) = _chunked(chunk_size, n, x, y, w)
 
     def chunk_loss(t: Array, xc: Array, yc: Array, wc: Array) -> Array:
-        return jnp.sum(wc * cross_entropy(apply(unravel(t), xc), yc)) / denom
+        return jnp.sum(wc * loss_of(apply)(apply(unravel(t), xc), yc)) / denom
 
     chunk_hess = jax.hessian(chunk_loss)
 
@@ -370,10 +372,10 @@ def _ggn_impl(
         return apply(unravel(t), x)
 
     logits, jv = jax.jvp(logits_fn, (theta,), (v,))
-    p = jax.nn.softmax(logits.astype(jv.dtype), axis=-1)
-    # Hessian of CE w.r.t. the logits: diag(p) - p p^T, weighted by w_i / max(sum w, 1).
-    h_out_jv = p * jv - p * jnp.sum(p * jv, axis=-1, keepdims=True)
-    h_out_jv = h_out_jv * (w / normaliser(w))[:, None]
+    # Hessian of the loss w.r.t. the outputs (CE: diag(p) - p p^T), weighted by
+    # w_i / max(sum w, 1).
+    h_out_jv = loss_of(apply).output_hvp(logits, y, jv.astype(theta.dtype))
+    h_out_jv = h_out_jv * (w / normaliser(w)).reshape((-1,) + (1,) * (jv.ndim - 1))
     _, vjp = jax.vjp(logits_fn, theta)
     (jt,) = vjp(h_out_jv.astype(logits.dtype))
     return jt + (l2 + damping) * v
@@ -476,7 +478,7 @@ def per_example_grads(
 
     def one(xi: Array, yi: Array) -> Array:
         def loss(t: Array) -> Array:
-            return cross_entropy(apply(unravel(t), xi[None]), yi[None])[0]
+            return loss_of(apply)(apply(unravel(t), xi[None]), yi[None])[0]
 
         return jax.grad(loss)(theta)
 

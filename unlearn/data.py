@@ -42,6 +42,11 @@ class Dataset:
     classes: tuple[str, ...] | None = None
     """The original label of each class index (e.g. ``("1", "7")`` after ``classes=(1, 7)``
     remapped digit 1 to 0 and 7 to 1); ``None`` when labels are their own names."""
+    targets: str = "classes"
+    """What ``y`` holds: ``"classes"`` (integer labels ``(n,)`` in ``[0, num_classes)``),
+    ``"tokens"`` (integer token targets ``(n, T)``, negative = padding, ``num_classes`` the
+    vocabulary) or ``"real"`` (real-valued regression targets ``(n, ...)``; ``num_classes`` is
+    the output width)."""
 
     def __post_init__(self):
         validate(self)
@@ -109,11 +114,26 @@ def validate(ds: Dataset) -> None:
             f"x, y and ids must have the same length: got x {x.shape}, y {y.shape}, "
             f"ids {ids.shape}."
         )
-    if y.ndim != 1:
+    if ds.targets not in TARGETS:
+        raise ValueError(f"targets={ds.targets!r} is unknown; choose one of {TARGETS}.")
+    if ds.targets == "real":
+        if not np.issubdtype(y.dtype, np.floating) or not np.isfinite(y).all():
+            raise ValueError(f"targets='real' needs finite float y; got dtype {y.dtype}"
+                             f"{'' if np.issubdtype(y.dtype, np.floating) else ''} with "
+                             "non-finite or non-float values (cast with y.astype(float)).")
+    elif ds.targets == "tokens":
+        if y.ndim != 2 or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"targets='tokens' needs integer y of shape (n, T); got "
+                             f"{y.dtype} {y.shape}.")
+        if y.size and y.max() >= ds.num_classes:
+            raise ValueError(f"y has token ids >= num_classes={ds.num_classes} (the "
+                             "vocabulary size); raise num_classes.")
+    elif y.ndim != 1:
         raise ValueError(f"y must be a 1-d array of integer labels, got shape {y.shape}.")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}.")
-    if y.size and (y.min() < 0 or y.max() >= ds.num_classes):
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"y must hold integer class labels, got dtype {y.dtype} (for "
+                         "real-valued targets pass targets='real').")
+    if ds.targets == "classes" and y.size and (y.min() < 0 or y.max() >= ds.num_classes):
         bad = np.unique(y[(y < 0) | (y >= ds.num_classes)])[:10].tolist()
         raise ValueError(
             f"y has labels {bad} outside [0, num_classes={ds.num_classes}); "
@@ -129,12 +149,33 @@ def validate(ds: Dataset) -> None:
         raise ValueError("ids must be unique per example.")
 
 
-def make(x, y, *, num_classes: int | None = None, ids=None, name: str = "array") -> Dataset:
-    """Wrap arrays as a :class:`Dataset`; ``ids`` default to the row index as strings."""
+TARGETS = ("classes", "tokens", "real")
+
+
+def make(x, y, *, num_classes: int | None = None, ids=None, name: str = "array",
+         targets: str = "classes") -> Dataset:
+    """Wrap arrays as a :class:`Dataset`; ``ids`` default to the row index as strings.
+
+    ``targets="real"`` keeps float ``y`` (regression; ``num_classes`` defaults to the output
+    width), ``"tokens"`` integer ``(n, T)`` token targets (negative = padding)."""
     x = np.asarray(x)
     y = np.asarray(y)
     if np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32)
+    if targets not in TARGETS:
+        raise ValueError(f"targets={targets!r} is unknown; choose one of {TARGETS}.")
+    if targets != "classes":
+        if ids is None:
+            ids = np.arange(len(y))
+        if targets == "real":
+            y = y.astype(np.float32)
+            width = int(np.prod(y.shape[1:])) if y.ndim > 1 else 1
+        else:
+            y = y.astype(np.int32)
+            width = int(y.max()) + 1 if y.size else 0
+        return Dataset(x=x, y=y, ids=np.asarray(ids).astype(str),
+                       num_classes=int(width if num_classes is None else num_classes),
+                       name=name, targets=targets)
     if np.issubdtype(y.dtype, np.floating):
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
             raise ValueError("y must hold integer class labels (got non-integer floats).")
@@ -153,6 +194,9 @@ def split(ds: Dataset, *, test_fraction: float = 0.25, seed: int = 0) -> Split:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
     rng = np.random.default_rng(seed)
     test = np.zeros(len(ds), dtype=bool)
+    if ds.targets != "classes":  # no classes to stratify by: a seeded random split
+        test[rng.permutation(len(ds))[: int(round(test_fraction * len(ds)))]] = True
+        return Split(train=ds.subset(~test), test=ds.subset(test))
     for c in range(ds.num_classes):
         rows = np.nonzero(ds.y == c)[0]
         rows = rng.permutation(rows)

@@ -250,25 +250,15 @@ def stack_schedules(parts: Sequence[Sequence[tuple[np.ndarray, np.ndarray]] | No
 def model_key(model) -> Hashable:
     """A hashable identity of a model for the compile cache, never a fresh closure.
 
-    ``model.spec`` if the model defines one; otherwise its name and the flax linen module(s)
-    its ``apply`` closes over (linen modules are frozen dataclasses: equal configuration ⇒
-    equal hash), so two ``models.mlp(10, (32,))`` share compiled programs. A model of another
-    kind falls back to the identity of its ``apply``.
+    A :class:`unlearn.task.Task` (every package model and every user task) is keyed by its
+    :attr:`~unlearn.task.Task.identity`: equal configurations share programs, different
+    functions never do, whatever their ``name``. Anything else is keyed by its ``apply``
+    function object.
     """
-    spec = getattr(model, "spec", None)
-    if spec is not None:
-        return (model.name, spec)
-    import flax.linen as nn
-
-    mods = tuple(c.cell_contents for c in (getattr(model.apply, "__closure__", None) or ())
-                 if isinstance(c.cell_contents, nn.Module))
-    if mods:
-        try:
-            hash(mods)
-            return (model.name, mods)
-        except TypeError:
-            pass
-    return (model.name, model.apply)
+    identity = getattr(model, "identity", None)
+    if identity is not None:
+        return identity
+    return (getattr(model, "name", ""), model.apply)
 
 
 class _StaticApply:
@@ -291,7 +281,10 @@ class _StaticApply:
 
 
 def static_apply(model) -> Callable:
-    """``model.apply`` as a hashable static jit argument keyed on :func:`model_key`."""
+    """``model.apply`` as a hashable static jit argument keyed on :func:`model_key` (a
+    task's own ``apply``, which carries its loss, already is one)."""
+    if hasattr(model.apply, "derive"):
+        return model.apply
     return _StaticApply(model)
 
 
@@ -463,7 +456,8 @@ def _member_step(prog: Program, model, opt, carry, aux, gmask, key, x, y, hashes
                 return out
             return apply(merge_variables(pp, mstate) if pp is p else pp, xx)
 
-        value = prog.loss(fwd, p, aux, progress, *batches)
+        # fwd carries the task's loss (unlearn.objective.loss_of), like model.apply does
+        value = prog.loss(_with_loss(fwd, model), p, aux, progress, *batches)
         return value, (states[-1] if states else mstate)
 
     (value, new_state), g = jax.value_and_grad(f, has_aux=True)(params)
@@ -474,6 +468,11 @@ def _member_step(prog: Program, model, opt, carry, aux, gmask, key, x, y, hashes
     if prog.padded:
         new = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, Members(*carry))
     return new, value
+
+
+def _with_loss(fwd: Callable, model) -> Callable:
+    task_apply = getattr(model, "apply", None)
+    return task_apply.derive(fwd) if hasattr(task_apply, "derive") else fwd
 
 
 def _program(prog: Program, model) -> Callable:

@@ -90,7 +90,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from unlearn import curvature, solvers
+from unlearn import curvature, objective, solvers
 
 Array = jax.Array
 Params = Any
@@ -129,33 +129,33 @@ __all__ = [
 
 def full_hessian(apply: Apply, params: Params, x: Array, y: Array, w: Array,
                  l2: float) -> Array:
-    """Dense :math:`\\nabla^2 L(\\theta; w)` over the flat params.
+    """Dense :math:`\nabla^2 L(\theta; w)` over the flat params.
 
-    The closed softmax-regression form (``curvature.softmax_regression_hessian``) when the
-    params are one ``(d, K)`` kernel and one ``(K,)`` bias (the binary-logistic form for K = 1,
-    ``models.binary_logreg``), otherwise the chunked
-    ``curvature.hessian``.
+    The closed form the task *declares* (``task.curvature`` on ``apply``:
+    ``"softmax_regression"`` → ``curvature.softmax_regression_hessian``, ``"binary_logistic"``
+    → ``curvature.binary_logistic_hessian``, or the task's own ``hessian(params, x, y, w, l2)``
+    function); otherwise the chunked autodiff ``curvature.hessian``. Never guessed from the
+    parameter shapes: a linear head on fixed features has the shapes of softmax regression
+    and a different Hessian.
     """
-    if _is_softmax_regression(params):
+    kind = declared_curvature(apply)
+    if kind == "softmax_regression":
         return curvature.softmax_regression_hessian(params, x, w, l2)
-    if _is_binary_logistic(params):
+    if kind == "binary_logistic":
         return curvature.binary_logistic_hessian(params, x, w, l2)
+    if callable(kind):
+        return jnp.asarray(kind(params, x, y, w, l2))
     return curvature.hessian(apply, params, x, y, w, l2)
 
 
-def _is_softmax_regression(params: Params) -> bool:
-    """One ``(d, K)`` kernel and one ``(K,)`` bias, K ≥ 2: the closed forms of this module
-    apply (K = 1 is ``models.binary_logreg``, whose logits are ``[0, z]``)."""
-    leaves = jax.tree.leaves(params)
-    return (len(leaves) == 2 and sorted(np.ndim(a) for a in leaves) == [1, 2]
-            and min(np.shape(a)[-1] for a in leaves) >= 2)
+def declared_curvature(apply: Apply):
+    """The closed-form curvature the task of ``apply`` declares (``None`` if none)."""
+    return getattr(apply, "curvature", None)
 
 
-def _is_binary_logistic(params: Params) -> bool:
-    """One ``(d, 1)`` kernel and one ``(1,)`` bias (``models.binary_logreg``)."""
-    leaves = jax.tree.leaves(params)
-    return (len(leaves) == 2 and sorted(np.ndim(a) for a in leaves) == [1, 2]
-            and all(np.shape(a)[-1] == 1 for a in leaves))
+def _is_linear_model(apply: Apply) -> bool:
+    """Declared softmax or binary logistic regression (the coupled-coordinate closed form)."""
+    return declared_curvature(apply) in ("softmax_regression", "binary_logistic")
 
 
 def _active_features(x: Array, w: Array) -> np.ndarray:
@@ -309,18 +309,26 @@ def nystrom_cache(apply: Apply, params: Params, x: Array, y: Array, w: Array, l2
 # --------------------------------------------------------------------------------------------
 
 
-def _curvature_root(logits: Array, dtype, w: Array | None = None) -> Array:
-    r""":math:`C = \sqrt{w}\,(\operatorname{diag}\sqrt p - p\sqrt p^\top)` per row,
-    :math:`CC^\top = w(\operatorname{diag}p - pp^\top)`; shape ``(m, K, K)``."""
-    p = jax.nn.softmax(logits.astype(dtype), axis=-1)
-    sp = jnp.sqrt(p)
-    c = jax.vmap(jnp.diag)(sp) - p[:, :, None] * sp[:, None, :]
+def _curvature_root(apply: Apply, logits: Array, y: Array | None, dtype,
+                    w: Array | None = None) -> Array:
+    r""":math:`C_i = \sqrt{w_i}\,R_i` per row with :math:`R_iR_i^\top` the loss's Hessian in
+    the outputs (cross-entropy: :math:`R = \operatorname{diag}\sqrt p - p\sqrt p^\top`,
+    :math:`RR^\top = \operatorname{diag}p - pp^\top`); shape ``(m, K, K)``. ``y`` may be
+    ``None`` for losses whose output Hessian does not depend on the target (cross-entropy,
+    squared error)."""
+    loss = objective.loss_of(apply)
+    if y is None:
+        if loss.root is None:
+            raise ValueError(f"the curvature of loss {loss.name!r} depends on the targets: "
+                             "pass the removed examples' y (removed_y=).")
+        y = jnp.zeros(logits.shape[0], jnp.int32)
+    c = loss.output_root(logits, y, dtype)
     return c if w is None else jnp.sqrt(w.astype(dtype))[:, None, None] * c
 
 
 @functools.partial(jax.jit, static_argnames=("apply",))
 def removed_curvature_factor(apply: Apply, params: Params, x: Array,
-                             w: Array | None = None) -> Array:
+                             w: Array | None = None, y: Array | None = None) -> Array:
     r"""``V`` of shape ``(p, m K)`` with :math:`VV^\top = \sum_i w_iJ_i^\top(\operatorname{diag}
     p_i - p_ip_i^\top)J_i` over the rows of ``x`` (weights ``w``, default 1; a zero weight
     pads the batch without changing the result).
@@ -332,19 +340,22 @@ def removed_curvature_factor(apply: Apply, params: Params, x: Array,
     theta, unravel = ravel_pytree(params)
     w = jnp.ones(x.shape[0], theta.dtype) if w is None else w
 
-    def one(xi: Array, wi: Array) -> Array:
+    yy = jnp.zeros(x.shape[0], jnp.int32) if y is None else y
+
+    def one(xi: Array, wi: Array, yi: Array) -> Array:
         f = lambda t: apply(unravel(t), xi[None])[0]  # noqa: E731
         logits, vjp = jax.vjp(f, theta)
-        c = _curvature_root(logits[None], theta.dtype, wi[None])[0]  # (K, K)
+        c = _curvature_root(apply, logits[None], None if y is None else yi[None],
+                            theta.dtype, wi[None])[0]  # (K, K)
         return jax.vmap(lambda col: vjp(col.astype(logits.dtype))[0])(c.T)  # (K, p)
 
-    v = jax.vmap(one)(x, w)  # (m, K, p)
+    v = jax.vmap(one)(x, w, yy)  # (m, K, p)
     return v.reshape(-1, theta.size).T
 
 
 @functools.partial(jax.jit, static_argnames=("apply",))
 def projected_removed_curvature(apply: Apply, params: Params, x: Array, evecs: Array,
-                                w: Array | None = None) -> Array:
+                                w: Array | None = None, y: Array | None = None) -> Array:
     r""":math:`Z = Q^\top V`, shape ``(p, m K)``, for :math:`V` =
     :func:`removed_curvature_factor` of the rows of ``x`` (weights ``w``) and ``evecs``
     :math:`= Q`.
@@ -358,15 +369,15 @@ def projected_removed_curvature(apply: Apply, params: Params, x: Array, evecs: A
     """
     theta, _ = ravel_pytree(params)
     evecs = evecs.astype(theta.dtype)
-    if not _is_softmax_regression(params):
-        return (removed_curvature_factor(apply, params, x, w).T @ evecs).T
+    if declared_curvature(apply) != "softmax_regression":
+        return (removed_curvature_factor(apply, params, x, w, y).T @ evecs).T
     _, bias, bias_first = curvature._dense_leaves(params)
     m, k = x.shape[0], bias.shape[0]
     xf = x.reshape(m, -1).astype(theta.dtype)
     ones = jnp.ones((m, 1), theta.dtype)
     xt = jnp.concatenate([ones, xf] if bias_first else [xf, ones], axis=1)  # (m, d+1)
     jq = (xt @ evecs.reshape(xt.shape[1], -1)).reshape(m, k, -1)  # [i, c, j] = (J_i q_j)_c
-    c = _curvature_root(apply(params, x), theta.dtype, w)  # (m, K, K)
+    c = _curvature_root(apply, apply(params, x), y, theta.dtype, w)  # (m, K, K)
     return jnp.einsum("icj,ice->jie", jq, c).reshape(theta.size, -1)
 
 
@@ -468,6 +479,7 @@ def newton_step(
     factor: NewtonFactor | None = None,
     removed_x: Array | None = None,
     removed_w: Array | None = None,
+    removed_y: Array | None = None,
     anchor: Params | None = None,
     grad: Array | None = None,
     tol: float | None = None,
@@ -498,7 +510,8 @@ def newton_step(
             if anchor is None or removed_x is None:
                 raise ValueError("solver='exact' with a factor needs anchor= and removed_x=.")
             rw = jnp.ones(removed_x.shape[0]) if removed_w is None else jnp.asarray(removed_w)
-            z = projected_removed_curvature(apply, anchor, removed_x, factor.evecs, rw)
+            z = projected_removed_curvature(apply, anchor, removed_x, factor.evecs, rw,
+                                            removed_y)
             res = woodbury_solve(factor, z, int(round(float(rw.sum()))), g, projected=True)
             if not bool(res.converged):
                 warnings.warn(f"Woodbury solve: relative residual {float(res.residual):.2e}",
@@ -624,7 +637,7 @@ def prepare_inverse(
     factor = approx = eig = None
     if backend == "exact":
         index, order, limit = None, p, 2 * solvers.LAPACK_THREADED_LIMIT
-        linear = _is_softmax_regression(params) or _is_binary_logistic(params)
+        linear = _is_linear_model(apply)
         if hessian is None and linear:  # the closed form (GGN = Hessian for these models)
             reduced, x_coupled, index = coupled_coordinates(params, x, w)
             order = p if index is None else index.size
@@ -750,12 +763,10 @@ def inverse_hvp(inv: InverseCurvature, rhs: Array) -> solvers.Solution:
 
 @functools.partial(jax.jit, static_argnames=("apply",))
 def _scores_chunk(apply: Apply, params: Params, xc: Array, yc: Array, s: Array) -> Array:
-    from unlearn.objective import cross_entropy
-
     theta, unravel = ravel_pytree(params)
 
     def losses(t):
-        return cross_entropy(apply(unravel(t), xc), yc)
+        return objective.loss_of(apply)(apply(unravel(t), xc), yc)
 
     _, lin = jax.linearize(losses, theta)
     return jax.vmap(lin)(s.astype(theta.dtype))  # (m, chunk)

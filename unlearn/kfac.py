@@ -64,6 +64,8 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
+from unlearn.objective import loss_of
+
 Array = jax.Array
 PyTree = Any
 
@@ -130,9 +132,12 @@ def _layer_stats(apply, params, x, layers):
         return logits, dict(inputs)
 
     logits, vjp, acts = jax.vjp(f, eps0, has_aux=True)
-    p = jax.nn.softmax(logits.astype(x.dtype), axis=-1)
-    sp = jnp.sqrt(p)
-    root = jax.vmap(jnp.diag)(sp) - p[:, :, None] * sp[:, None, :]  # (n, K, K), C C^T
+    loss = loss_of(apply)
+    if loss.root is None or logits.ndim != 2:
+        raise ValueError(f"K-FAC/EK-FAC here needs (n, K) outputs and a loss whose output "
+                         f"Hessian is label-free (cross-entropy, squared error); got loss "
+                         f"{loss.name!r} with outputs {logits.shape}. Use backend='cg'/'pcg'.")
+    root = loss.output_root(logits, None, x.dtype)  # (n, K, K), C C^T = loss Hessian
     gs = jax.vmap(lambda c: vjp(c.astype(logits.dtype))[0], in_axes=2)(root)  # {k: (K, n, o)}
     return acts, gs
 

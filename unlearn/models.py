@@ -40,11 +40,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from unlearn.task import Task, TaskApply, make_task
 
 Params = Any
 Variables = dict[str, Any]
@@ -54,26 +56,9 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
-class Model(NamedTuple):
-    """A model as two pure functions plus static facts the trainers need.
-
-    ``init(key, x) -> variables``; ``apply(variables, x, *, train=False, rng=None)`` returns
-    logits in eval mode and ``(logits, new_state)`` in train mode (module docstring).
-    ``convex``: the L2-regularised cross-entropy objective is strictly convex in the params
-    (softmax regression), so L-BFGS to a gradient tolerance reaches the unique optimum.
-    ``has_conv``: contains convolutions (picks the CPU epoch strategy).
-    ``has_state``: carries ``batch_stats`` (BatchNorm). ``stochastic``: train mode needs
-    ``rng`` (dropout). ``spec``: hashable static description; ``from_spec(spec)`` rebuilds it.
-    """
-
-    init: Callable[[jax.Array, jax.Array], Variables]
-    apply: Callable[..., Any]
-    name: str
-    convex: bool = False
-    has_conv: bool = False
-    has_state: bool = False
-    stochastic: bool = False
-    spec: Spec = ("", ())
+# A model is a :class:`unlearn.task.Task` (init/apply, facts, loss, measure, declared
+# curvature); the package's own models are Tasks with a ``spec`` that ``from_spec`` rebuilds.
+Model = Task
 
 
 # ----------------------------------------------------------------------------- variables
@@ -115,7 +100,8 @@ def frozen_apply(model: Model, state: Mapping[str, Any]) -> Callable[[Params, ja
     def apply(params, x):
         return model.apply(merge_variables(params, state), x)
 
-    return apply
+    # a closure over the state arrays: the task's loss and curvature, identity by object
+    return model.apply.derive(apply) if isinstance(model.apply, TaskApply) else apply
 
 
 # ----------------------------------------------------------------------------- modules
@@ -276,7 +262,7 @@ class _ResNet9(nn.Module):
 # ----------------------------------------------------------------------------- wrapping
 
 
-def _wrap(module: nn.Module, spec: Spec, **facts) -> Model:
+def _wrap(module: nn.Module, spec: Spec, curvature: str | None = None, **facts) -> Model:
     has_state = facts.get("has_state", False)
     stochastic = facts.get("stochastic", False)
     name = spec[0]
@@ -304,7 +290,9 @@ def _wrap(module: nn.Module, spec: Spec, **facts) -> Model:
             return logits, dict(new_state)
         return module.apply(variables, x, train=True, rngs=rngs), {}
 
-    return Model(init=init, apply=apply, name=name, spec=spec, **facts)
+    # the package's models: identified by their spec (equal specs = the same function)
+    return make_task(init, apply, name, source=("spec", spec), spec=spec,
+                     curvature=curvature, **facts)
 
 
 def _hashable(v):
@@ -323,7 +311,7 @@ def from_spec(spec: Spec) -> Model:
     name, items = spec
     kw = dict(items)
     if name == "logreg":
-        return _wrap(_Logistic(**kw), spec, convex=True)
+        return _wrap(_Logistic(**kw), spec, convex=True, curvature="softmax_regression")
     if name == "mlp":
         return _wrap(_MLP(**kw), spec)
     if name == "cnn":
@@ -333,7 +321,7 @@ def from_spec(spec: Spec) -> Model:
     if name == "resnet9":
         return _wrap(_ResNet9(**kw), spec, has_conv=True, has_state=True)
     if name == "binary_logreg":
-        return _wrap(_BinaryLogistic(), spec, convex=True)
+        return _wrap(_BinaryLogistic(), spec, convex=True, curvature="binary_logistic")
     raise ValueError(f"model={name!r} is unknown; choose one of {sorted(REGISTRY)}.")
 
 
@@ -428,7 +416,8 @@ def _max_pool2(x: jax.Array, spatial: int) -> jax.Array:
 
 def has_im2col_form(model: Model) -> bool:
     """The plain CNN (no dropout): the model that has an im2col (convolution-free) form."""
-    return model.spec[0] == "cnn" and not model.stochastic
+    return (isinstance(model, Task) and model.source == ("spec", model.spec)
+            and model.spec[0] == "cnn" and not model.stochastic)
 
 
 @functools.cache
@@ -495,7 +484,7 @@ def im2col_apply(model: Model) -> Callable[[Params, jax.Array], jax.Array]:
     def apply(params: Params, x: jax.Array) -> jax.Array:
         return ens(jax.tree.map(lambda a: a[None], params), x[None])[0]
 
-    return apply
+    return model.apply.derive(apply, "im2col")
 
 
 def num_params(variables: Mapping[str, Any]) -> int:

@@ -32,6 +32,7 @@ from unlearn.methods.base import (
     Unlearner,
     next_weights,
     params_result,
+    prepare_classifier,
     prepare_params,
 )
 from unlearn.train import Problem, objective
@@ -147,7 +148,7 @@ def loop_unlearner(name: str, loss: Callable | None, *, driver: str, epochs: int
                    lr: float | None, hparams: dict, relabel: bool = False,
                    mask_fn: Callable | None = None,
                    plan: Callable[[int], list[Phase]] | None = None,
-                   lr_scale: float = 1.0) -> Unlearner:
+                   lr_scale: float = 1.0, classes_only: bool = False) -> Unlearner:
     """An :class:`Unlearner` that runs :func:`descend` with ``loss`` from the current params.
 
     ``hparams`` become ``aux`` (traced, so changing them does not recompile), together with
@@ -158,6 +159,8 @@ def loop_unlearner(name: str, loss: Callable | None, *, driver: str, epochs: int
     phases (loss, driver, epochs) to run in order, sharing one optimiser state (SCRUB's
     alternating max/min steps); by default one phase of ``loss`` over every epoch. Without
     ``lr`` the learning rate is ``lr_scale`` × the training learning rate.
+    ``classes_only`` (implied by ``relabel``): ``prepare`` refuses tasks that are not
+    classifiers (:func:`unlearn.methods.base.check_classes`).
     """
     if plan is None:
         plan = lambda n: [Phase(loss, driver, range(n))]  # noqa: E731
@@ -186,5 +189,6 @@ def loop_unlearner(name: str, loss: Callable | None, *, driver: str, epochs: int
         stats = {"epochs": n_ep, "steps": steps, **hparams}
         return params_result(p, params, stats), state._replace(params=params, weights=w)
 
-    return Unlearner(name, prepare_params, forget)
+    prepare = prepare_classifier(name) if relabel or classes_only else prepare_params
+    return Unlearner(name, prepare, forget)
 

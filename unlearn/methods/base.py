@@ -86,11 +86,35 @@ def check_convex(problem: Problem, method: str = "newton") -> None:
         )
 
 
+def check_classes(problem: Problem, method: str) -> None:
+    """Raise a clear error unless the task is a classifier (integer class labels and a loss
+    on class probabilities): methods that relabel or compare softmax outputs need one."""
+    loss = getattr(problem.model.apply, "loss", None)
+    if getattr(problem.train, "targets", "classes") != "classes" or (
+            loss is not None and not loss.classes):
+        raise ValueError(
+            f"method {method!r} needs a classification task (integer class labels and a "
+            f"cross-entropy loss: it relabels examples or compares class probabilities); got "
+            f"targets={getattr(problem.train, 'targets', 'classes')!r} and loss "
+            f"{getattr(loss, 'name', 'cross_entropy')!r}. Use 'finetune', 'neggrad', "
+            "'neggrad_plus', 'l1_sparse', 'influence', 'newton' or 'retrain'.")
+
+
+def prepare_classifier(method: str) -> Callable[[Problem, Fit], ParamState]:
+    """:func:`prepare_params` for methods that need a classification task."""
+
+    def prepare(problem: Problem, trained: Fit) -> ParamState:
+        check_classes(problem, method)
+        return prepare_params(problem, trained)
+
+    return prepare
+
+
 def params_result(problem: Problem, params: Params, stats: dict) -> Result:
     """A :class:`Result` that predicts with ``problem.model.apply(params, x)``."""
     apply = problem.model.apply
     return Result(logits=lambda x: apply(params, x), params=params, stats=stats)
 
 
-__all__ = ["ParamState", "Result", "Unlearner", "check_convex", "next_weights", "params_result",
-           "prepare_params", "retain_mask"]
+__all__ = ["ParamState", "Result", "Unlearner", "check_classes", "check_convex", "next_weights",
+           "params_result", "prepare_classifier", "prepare_params", "retain_mask"]

@@ -31,7 +31,7 @@ from unlearn.methods.base import (
     Unlearner,
     next_weights,
     params_result,
-    prepare_params,
+    prepare_classifier,
 )
 from unlearn.train import Problem, batch_indices
 
@@ -88,4 +88,4 @@ def fisher(alpha: float = 1e-6, max_var: float = 1e3) -> Unlearner:
                                                                 for a in leaves]))}
         return params_result(p, params, stats), state._replace(params=params, weights=w)
 
-    return Unlearner("fisher", prepare_params, forget)
+    return Unlearner("fisher", prepare_classifier("fisher"), forget)

@@ -61,4 +61,4 @@ def scrub(alpha: float = 1e-3, gamma: float = 0.99, temperature: float = 4.0,
 
     return loop_unlearner("scrub", None, driver="retain", epochs=epochs, lr=lr,
                           hparams={"alpha": alpha, "gamma": gamma, "temperature": temperature},
-                          plan=plan)
+                          plan=plan, classes_only=True)
