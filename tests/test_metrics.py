@@ -51,14 +51,58 @@ def _literal_binned_kl(p_arr, q_arr, bin_count=20, eps=1e-5):
 def test_klom_matches_literal_estimator():
     rng = np.random.default_rng(0)
     u = np.c_[rng.normal(0, 1, 100), rng.normal(3, 1, 100), np.full(100, 2.0),
-              rng.normal(0, 300, 100), rng.integers(0, 3, 100).astype(float)]
+              rng.normal(0, 300, 100), rng.integers(0, 3, 100).astype(float),
+              np.full(100, 9.0)]
     o = np.c_[rng.normal(0, 1, 100), rng.normal(0, 1, 100), np.full(100, 2.0),
-              rng.normal(0, 1, 100), rng.integers(0, 3, 100).astype(float)]
+              rng.normal(0, 1, 100), rng.integers(0, 3, 100).astype(float),
+              rng.normal(0, 1, 100)]
     k = metrics.klom(u, o)
     ref = [_literal_binned_kl(u[:, i], o[:, i]) for i in range(u.shape[1])]
     np.testing.assert_allclose(k, ref, rtol=1e-12, atol=1e-15)
     assert k[1] > 5 * k[0]  # a shifted ensemble is far from the oracle
     assert k[2] == 0.0  # identical constants
+    assert np.isnan(k[5])  # all unlearned mass at the pooled maximum: NaN in both
+
+
+def test_binned_kl_hand_computed():
+    # 4 bins on the pooled range [0, 4]: edges 0, 1, 2, 3, 4. p = 0, 1, 2, 3 puts 1/4 in each
+    # bin; q = 0, 0, 1, 4 puts 2/3 in bin 1 and 1/3 in bin 2, and 4 (the pooled maximum) in no
+    # bin. q is floored to ε = 1e-5 in bins 3, 4 (where p > 0) and renormalised by 1 + 2ε.
+    eps = 1e-5
+    q_tilde = np.array([2 / 3, 1 / 3, eps, eps]) / (1 + 2 * eps)
+    hand = np.sum(0.25 * np.log(0.25 / q_tilde))
+    got = metrics.binned_kl(np.array([0.0, 1, 2, 3]), np.array([0.0, 0, 1, 4]), bins=4)
+    assert got == pytest.approx(hand, rel=1e-12)
+    assert got == pytest.approx(stats.entropy([1, 1, 1, 1], [2 / 3, 1 / 3, eps, eps]), rel=1e-12)
+    # The direction: KL(p ‖ q), not KL(q ‖ p) (bin 3, 4 have no q mass: the reverse is small).
+    rev = metrics.binned_kl(np.array([0.0, 0, 1, 4]), np.array([0.0, 1, 2, 3]), bins=4)
+    assert rev == pytest.approx(stats.entropy([2, 1, 0, 0], [1, 1, 1, 1]), rel=1e-12)
+    assert got > 5 * rev
+
+
+def test_binned_kl_zero_mass_is_nan_and_counted():
+    # Eight identical unlearned models whose margin (5) is above every oracle margin: every
+    # unlearned sample equals the pooled maximum and falls outside the 20 bins. The authors'
+    # code returns NaN (scipy normalises an all-zero p); so must we, not the 0 we used to.
+    oracle = np.linspace(0.0, 3.0, 8)
+    above = np.full(8, 5.0)
+    assert np.isnan(metrics.binned_kl(above, oracle))
+    assert np.isnan(_literal_binned_kl(above, oracle))
+    # The mirror case (every oracle sample at the pooled maximum) is as undefined; the authors'
+    # code gives ~0 there (the ε floor renormalised puts all of q on p's bins); we give NaN.
+    below = np.full(8, -1.0)
+    assert _literal_binned_kl(below, np.full(8, 5.0)) < 1e-12
+    assert np.isnan(metrics.binned_kl(below, np.full(8, 5.0)))
+    rng = np.random.default_rng(3)
+    u = np.c_[rng.normal(0, 1, 8), above, rng.normal(1, 1, 8), below]
+    o = np.c_[rng.normal(0, 1, 8), oracle, rng.normal(0, 1, 8), np.full(8, 5.0)]
+    k = metrics.klom(u, o)
+    assert np.isnan(k[[1, 3]]).all() and np.isfinite(k[[0, 2]]).all()
+    s = metrics.klom_summary(k)
+    assert s["klom_undefined"] == 2
+    assert s["klom_mean"] == pytest.approx((k[0] + k[2]) / 2, rel=1e-12)
+    assert s["klom_p95"] == pytest.approx(np.percentile(k[[0, 2]], 95), rel=1e-12)
+    assert np.isnan(metrics.klom_summary(k[[1, 3]])["klom_mean"])
 
 
 def test_mia_features_match_definitions():

@@ -143,12 +143,24 @@ KLOM_REFERENCE = "RoyRin/data-unlearning-bench@021993084e08a150a159149f85ebed4c4
 
 def binned_kl(p_samples: np.ndarray, q_samples: np.ndarray, *, bins: int = KLOM_BINS,
               eps: float = KLOM_EPS, clip: float = KLOM_CLIP) -> float:
-    """KL(p ‖ q) of two 1-d samples by the KLOM estimator (Rinberg et al. 2024, the authors'
-    ``compute_binned_KL_div``): clip both to [−100, 100]; ``bins`` equal-width bins spanning the
-    combined range (width-1 range if all values are equal); bin i holds v with
-    e_i ≤ v < e_{i+1} (``np.digitize``, so values equal to the overall maximum fall outside
-    every bin, as in the authors' code); p, q = normalised counts; q ← max(q, ε) where p > 0;
-    KL = Σ p log(p / q̃) with q̃ = q / Σq (``scipy.stats.entropy`` renormalises)."""
+    """KL(p ‖ q) of two 1-d samples by the KLOM estimator (Georgiev, Rinberg et al. 2024,
+    App. E.1; the authors' ``compute_binned_KL_div``, :data:`KLOM_REFERENCE`).
+
+    Clip both samples to [−100, 100]; ``bins`` equal-width bins e_0 < … < e_B spanning the
+    pooled range [min(p ∪ q), max(p ∪ q)] (width 1 if all values are equal); bin i holds v with
+    e_{i−1} ≤ v < e_i (``np.digitize``), so a value *equal to the pooled maximum* falls outside
+    every bin and is dropped, as in the authors' code. With P_i, Q_i the normalised counts,
+    Q_i ← max(Q_i, ε) where P_i > 0, Q̃ = Q / Σ Q, and
+
+        KL = Σ_{i: P_i > 0} P_i log(P_i / Q̃_i)      (nats; ``scipy.stats.entropy``).
+
+    **Undefined → NaN.** When every sample of p, or every sample of q, is dropped (all equal
+    to the pooled maximum — e.g. N identical models whose margin exceeds every oracle margin),
+    one histogram is empty and there is no KL to estimate. The authors' code returns NaN when
+    p is empty (scipy normalises a zero vector) but 0 when q is empty (the ε floor, once
+    renormalised, puts all of Q̃ on P's bins); both are returned as NaN here, never 0, so a
+    distribution that sits entirely outside the other's range cannot score "indistinguishable".
+    """
     p = np.clip(np.asarray(p_samples, np.float64), -clip, clip)
     q = np.clip(np.asarray(q_samples, np.float64), -clip, clip)
     lo, hi = min(p.min(), q.min()), max(p.max(), q.max())
@@ -156,12 +168,13 @@ def binned_kl(p_samples: np.ndarray, q_samples: np.ndarray, *, bins: int = KLOM_
         hi = lo + 1
     edges = np.linspace(lo, hi, bins + 1)
 
-    def probs(v):
-        idx = np.digitize(v, edges)
-        c = np.bincount(idx, minlength=bins + 2)[1: bins + 1].astype(np.float64)
-        return c / c.sum() if c.sum() > 0 else np.zeros(bins)
+    def counts(v):
+        return np.bincount(np.digitize(v, edges), minlength=bins + 2)[1: bins + 1]
 
-    pp, qq = probs(p), probs(q)
+    cp, cq = counts(p), counts(q)
+    if cp.sum() == 0 or cq.sum() == 0:
+        return float("nan")
+    pp, qq = cp / cp.sum(), cq / cq.sum()
     qq = np.where(pp > 0, np.maximum(qq, eps), qq)
     qq = qq / qq.sum()
     keep = pp > 0
@@ -169,16 +182,37 @@ def binned_kl(p_samples: np.ndarray, q_samples: np.ndarray, *, bins: int = KLOM_
 
 
 def klom(unlearned_margins: np.ndarray, oracle_margins: np.ndarray) -> np.ndarray:
-    """KLOM per example (Rinberg et al. 2024, "Attribute-to-Delete: Machine Unlearning via
-    Datamodel Matching", Sec. 2): KL(unlearned margins ‖ oracle margins) over the models of two
-    ensembles, estimated by :func:`binned_kl` (20 bins, ε = 1e-5, clip ±100). Inputs are
-    (models, n) margins (:func:`margins`) of the unlearned ensemble and of models retrained
-    without the forget set; 0 is perfect, larger is worse."""
+    """KLOM per example (Georgiev, Rinberg, Park, Garg, Ilyas, Mądry & Neel 2024,
+    "Attribute-to-Delete: Machine Unlearning via Datamodel Matching", ICLR 2025, App. E.1):
+
+        KLOM(x) = KL( margins of x under the N unlearned models ‖ under the N oracles ),
+
+    unlearned first, as the authors' ``kl_from_margins`` calls ``compute_binned_KL_div(
+    unlearned, oracle)``; estimated by :func:`binned_kl` (20 bins, ε = 1e-5, clip ±100). Inputs
+    are (models, n) margins (:func:`margins`). The N unlearned models must come from N
+    *different* original models, each unlearned once (the authors' protocol;
+    :func:`unlearn.mia.klom_score`); N runs of a method from one original measure only the
+    method's own randomness. 0 is perfect, larger is worse; NaN where the estimator is
+    undefined (:func:`binned_kl`; count them with :func:`klom_summary`)."""
     u, o = np.asarray(unlearned_margins), np.asarray(oracle_margins)
     if u.ndim != 2 or u.shape != o.shape:
         raise ValueError(f"unlearned_margins and oracle_margins must be (models, n) of the same "
                          f"shape; got {u.shape} and {o.shape}.")
     return np.array([binned_kl(u[:, i], o[:, i]) for i in range(u.shape[1])])
+
+
+def klom_summary(k: np.ndarray, prefix: str = "klom") -> dict[str, float | int]:
+    """Mean and 95th percentile of per-example KLOM values over the examples where it is
+    defined, and ``{prefix}_undefined``, the number of NaN examples (:func:`binned_kl`). The
+    count is always reported next to the mean: an undefined example is one whose unlearned (or
+    oracle) margins all sit at the top of the pooled range, i.e. a maximally separated case,
+    so a mean over the rest alone would flatter the method. NaN mean / p95 if none is
+    defined."""
+    k = np.asarray(k, np.float64)
+    ok = np.isfinite(k)
+    mean = float(np.mean(k[ok])) if ok.any() else float("nan")
+    p95 = float(np.percentile(k[ok], 95)) if ok.any() else float("nan")
+    return {f"{prefix}_mean": mean, f"{prefix}_p95": p95, f"{prefix}_undefined": int((~ok).sum())}
 
 
 @functools.cache

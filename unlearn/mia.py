@@ -16,6 +16,9 @@
 * :func:`forgetting_score` / :func:`score_from_outputs` — the challenge's forgetting-quality
   score (Triantafillou et al. 2024, "Are we making progress in unlearning? Findings from the
   first NeurIPS unlearning competition", Sec. 3), from N unlearned and N retrained models.
+* :func:`klom_score` — KLOM (Georgiev, Rinberg et al. 2024, "Attribute-to-Delete", App. E.1):
+  per example, KL of the margins of N unlearned models (N originals, each unlearned once)
+  against N models retrained without the forget set.
 
 Shadow / reference models are trained as one ensemble of the training engine
 (:func:`train_ensemble`, :mod:`unlearn.engine`), each model with its own key, weights and data
@@ -38,7 +41,7 @@ from sklearn.model_selection import StratifiedKFold, cross_validate
 from unlearn import engine
 from unlearn.data import Dataset, Split, stable_hash
 from unlearn.methods.base import Unlearner
-from unlearn.metrics import log_softmax, predict_logits
+from unlearn.metrics import KLOM_REFERENCE, log_softmax, predict_logits
 from unlearn.train import Fit, Problem, TrainConfig, augmentation, key_seed, retain_mask
 
 Params = Any
@@ -528,8 +531,9 @@ def forgetting_score(problem: Problem, split: Split, forget_ids, method: Unlearn
 
     ``retrained_logits`` (forget, retain, test logits of the retrained ensemble, each (N, ·, K))
     lets several methods share one retrained ensemble. The result also holds ``"retrained_logits"``
-    for that purpose, the wall times of both ensembles, and KLOM (Rinberg et al. 2024) of the
-    same two ensembles per forget example (``"klom"``; mean and 95th percentile).
+    for that purpose and the wall times of both ensembles. KLOM is not computed here: its
+    protocol needs N *different* originals (:func:`klom_score`), and N runs from one original
+    make a deterministic method look perfect to it.
     """
     from unlearn.train import train as train_full
 
@@ -560,13 +564,86 @@ def forgetting_score(problem: Problem, split: Split, forget_ids, method: Unlearn
                              retain_acc_r=_per_model_acc(zr[1], retain.y),
                              test_acc_u=_per_model_acc(zu[2], split.test.y),
                              test_acc_r=_per_model_acc(zr[2], split.test.y))
-    from unlearn.metrics import klom, margins
-
-    k = klom(margins(zu[0], forget.y), margins(zr[0], forget.y))
-    out.update({"klom": k.tolist(), "klom_mean": float(np.mean(k)),
-                "klom_p95": float(np.percentile(k, 95))})
     out.update({"retrained_logits": zr, "retrain_time": t_retrain, "unlearn_time": t_unlearn,
                 "score_time": time.perf_counter() - t0, "method": method.name})
+    return out
+
+
+# ----------------------------------------------------------------------------- KLOM
+
+KLOM_SPLITS = ("forget", "retain", "test")
+
+
+def klom_score(problem: Problem, split: Split, forget_ids, method: Unlearner, *,
+               n_models: int = 100, key: jax.Array, originals: Params | None = None,
+               oracle_logits: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
+    """KLOM of ``method`` by its authors' protocol (Georgiev, Rinberg et al. 2024,
+    "Attribute-to-Delete", App. E.1; RoyRin/data-unlearning-bench ``src/run.py``):
+
+    1. N original models θ*_s trained on all of D with keys k_s = fold_in(key, s) (one engine
+       ensemble, :func:`train_ensemble`; member s is ``train.fit`` with key k_s);
+    2. N oracles trained on D∖U with independent keys fold_in(key, N + s);
+    3. each original unlearned **once**: ``method`` on ``problem`` with key k_s (so its init
+       and data order are θ*_s's) starting from θ*_s, forget key fold_in(key, 2N + s).
+       ``retrain`` runs as one vmapped ensemble (retraining θ*_s's recipe without U); other
+       methods run ``prepare`` + ``forget`` per original in a Python loop;
+    4. per example x, KLOM(x) = KL(margins of the N unlearned models ‖ margins of the N
+       oracles) (:func:`unlearn.metrics.klom`, the authors' 20-bin estimator).
+
+    A do-nothing method thus gives the N originals, whose margins on forget examples are those
+    of models that trained on them; retraining gives a second sample of the oracle
+    distribution. Returns per-example KLOM (``"klom_forget"``, ``"klom_retain"``,
+    ``"klom_test"``) and per split :func:`unlearn.metrics.klom_summary` (mean, p95 and the
+    count of undefined, NaN, examples); ``"klom_mean"`` / ``"klom_p95"`` /
+    ``"klom_undefined"`` are the forget set's. ``originals`` (stacked, as returned under
+    ``"originals"``) and ``oracle_logits`` (forget, retain, test logits of the oracles, each
+    (N, ·, K), as returned under ``"oracle_logits"``) let several methods share both
+    ensembles; they must come from the same ``key`` and ``n_models``.
+    """
+    from unlearn.metrics import klom, klom_summary, margins
+
+    if n_models < 2:
+        raise ValueError(f"klom_score needs n_models ≥ 2; got {n_models}.")
+    tr = problem.train
+    forget = tr.subset(tr.positions(forget_ids))
+    retain = tr.without(forget_ids)
+    data = (forget, retain, split.test)
+    xs = [d.x for d in data]
+    keys = [jax.random.fold_in(key, s) for s in range(3 * n_models)]
+    k_orig, k_oracle, k_forget = (keys[:n_models], keys[n_models: 2 * n_models],
+                                  keys[2 * n_models:])
+    w = np.tile(retain_mask(problem, forget_ids), (n_models, 1))
+    t0 = time.perf_counter()
+    if oracle_logits is None:
+        oracles = train_ensemble(problem.model, tr, problem.cfg, k_oracle, w)
+        oracle_logits = [ensemble_logits(problem.model.apply, oracles, x) for x in xs]
+    elif [len(z) for z in oracle_logits] != [n_models] * 3:
+        raise ValueError(f"oracle_logits must be 3 arrays (forget, retain, test) of {n_models} "
+                         f"models each; got {[np.shape(z) for z in oracle_logits]}.")
+    t_oracle = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if method.name == "retrain":
+        ens = train_ensemble(problem.model, tr, problem.cfg, k_orig, w)
+        zu = [ensemble_logits(problem.model.apply, ens, x) for x in xs]
+    else:
+        if originals is None:
+            originals = train_ensemble(problem.model, tr, problem.cfg, k_orig)
+        results = []
+        for s in range(n_models):
+            state = method.prepare(problem._replace(key=k_orig[s]),
+                                   Fit(unstack(originals, s), {}))
+            results.append(method.forget(state, forget_ids, k_forget[s])[0])
+        zu = _stacked_logits(problem.model.apply, results, xs)
+    t_unlearn = time.perf_counter() - t0
+    out: dict[str, Any] = {"method": method.name, "n_models": n_models}
+    for name, d, a, b in zip(KLOM_SPLITS, data, zu, oracle_logits):
+        k = klom(margins(a, d.y), margins(b, d.y))
+        out[f"klom_{name}"] = k.tolist()
+        out.update(klom_summary(k, f"klom_{name}"))
+    out.update({"klom_mean": out["klom_forget_mean"], "klom_p95": out["klom_forget_p95"],
+                "klom_undefined": out["klom_forget_undefined"], "originals": originals,
+                "oracle_logits": oracle_logits, "oracle_time": t_oracle,
+                "unlearn_time": t_unlearn, "reference": KLOM_REFERENCE})
     return out
 
 
