@@ -999,7 +999,10 @@ def _undo_train(root: Path, before: set[str], made: list[Path], lock_existed: bo
     wrote meanwhile): the files it created, its lock file, and the directories it created."""
     for name in set(os.listdir(root)) - before:
         q = root / name
-        shutil.rmtree(q, ignore_errors=True) if q.is_dir() else q.unlink(missing_ok=True)
+        if q.is_dir():
+            shutil.rmtree(q, ignore_errors=True)
+        else:
+            q.unlink(missing_ok=True)
     if not lock_existed:  # waiters notice the unlinked file and lock a new one (write_lock)
         (root / LOCK).unlink(missing_ok=True)
     for q in made:
@@ -1050,6 +1053,9 @@ def create(root: str | Path, *, data: str, model: str = "mlp", shards: int = 4, 
     # everything that can be wrong with the input is found before the directory is made
     kw_json = _model_kwargs_json(model_kwargs)
     ds, copy = _training_data(data, seed, test_fraction)
+    if getattr(ds, "targets", "classes") != "classes":
+        raise ValueError(f"--data {data} has {ds.targets!r} targets; a SISA model directory "
+                         "trains classifiers (integer class labels).")
     m = build_model(model, ds.num_classes, kw_json)
     try:
         check_model(m, ds, tc.dtype)
