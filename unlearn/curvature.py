@@ -54,7 +54,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
-from unlearn.objective import loss_of, normaliser, objective
+from unlearn.objective import loss_of, measure_of, normaliser, objective
 
 Array = jax.Array
 PyTree = Any
@@ -459,26 +459,30 @@ def dense_matvec(a: Array, damping: float | Array = 0.0) -> Partial:
 # --------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("apply", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("apply", "chunk_size", "measure"))
 def per_example_grads(
     apply: Apply,
     params: PyTree,
     x: Array,
     y: Array,
     chunk_size: int | None = None,
+    measure: bool = False,
 ) -> Array:
     r"""Per-example loss gradients :math:`\nabla_\theta \ell(f_\theta(x_i), y_i)`, shape ``(n, p)``.
 
-    The plain cross-entropy of each example (no weight, no L2 term: add ``l2 * theta`` if the
-    regulariser should be attributed to each example). ``vmap`` of ``grad``; with
+    The task's plain per-example loss (no weight, no L2 term: add ``l2 * theta`` if the
+    regulariser should be attributed to each example), or with ``measure=True`` its influence
+    measurement (``unlearn.objective.measure_of``). ``vmap`` of ``grad``; with
     ``chunk_size`` the examples are processed ``chunk_size`` at a time by ``lax.map`` to bound
     the activation memory (the ``(n, p)`` output is always materialised).
     """
     theta, unravel = ravel_pytree(params)
 
+    fn = measure_of(apply) if measure else loss_of(apply)
+
     def one(xi: Array, yi: Array) -> Array:
         def loss(t: Array) -> Array:
-            return loss_of(apply)(apply(unravel(t), xi[None]), yi[None])[0]
+            return fn(apply(unravel(t), xi[None]), yi[None])[0]
 
         return jax.grad(loss)(theta)
 

@@ -541,11 +541,13 @@ def newton_step(
 # --------------------------------------------------------------------------------------------
 
 
-def example_gradients(apply: Apply, params: Params, x: Array, y: Array) -> Array:
-    r"""Per-example loss gradients :math:`\nabla_\theta\ell(z)`, shape ``(m, p)`` (``vmap``).
+def example_gradients(apply: Apply, params: Params, x: Array, y: Array,
+                      measure: bool = False) -> Array:
+    r"""Per-example loss gradients :math:`\nabla_\theta\ell(z)`, shape ``(m, p)`` (``vmap``);
+    ``measure=True``: of the task's measurement :math:`m(z)` instead (margin, a logit, ...).
     Materialises ``m × p``: use it for a few points (test points, a forget set), and
     :func:`influence_scores` for all training points."""
-    return curvature.per_example_grads(apply, params, x, y)
+    return curvature.per_example_grads(apply, params, x, y, measure=measure)
 
 
 BACKENDS = ("exact", "cg", "pcg", "pcg-ekfac", "ekfac", "kfac", "arnoldi", "lissa")
@@ -825,8 +827,9 @@ def influence_up_loss(
     chunk_size: int = 512,
     **backend_options: Any,
 ) -> Influence:
-    r"""Koh & Liang (2017) eq. (2): ``scores[t, i]`` :math:`= -\nabla\ell(z^{\text{test}}_t)^\top
-    (H + \lambda_d I)^{-1}\nabla\ell(z_i)`, for all training points and all test points.
+    r"""Koh & Liang (2017) eq. (2): ``scores[t, i]`` :math:`= -\nabla m(z^{\text{test}}_t)^\top
+    (H + \lambda_d I)^{-1}\nabla\ell(z_i)`, for all training points and all test points, with
+    :math:`m` the task's measurement (its loss by default, :math:`\mathcal I_{\text{up,loss}}`).
 
     :math:`H` is the curvature of the mean-normalised objective on all of ``x_train`` at
     ``params``. The inverse-curvature products for ALL test points are one batched solve
@@ -838,7 +841,7 @@ def influence_up_loss(
         prepared = prepare_inverse(apply, params, x_train, y_train, l2, backend=solver,
                                    damping=damping, hessian=hessian, tol=tol, maxiter=maxiter,
                                    **backend_options)
-    g_test = example_gradients(apply, params, x_test, y_test)
+    g_test = example_gradients(apply, params, x_test, y_test, measure=True)
     sol = inverse_hvp(prepared, g_test)
     if np.any(~np.asarray(sol.converged)):
         warnings.warn(f"influence ({prepared.backend}): solve did not converge, relative "

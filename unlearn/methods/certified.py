@@ -52,6 +52,7 @@ def certified(epsilon: float = 1.0, delta: float = 1e-4, sigma: float = 1.0,
 
     def prepare(problem: Problem, trained: Fit) -> CertifiedState:
         check_convex(problem, "certified")
+        cr.constants(problem.model)  # the bounds' constants: logistic/softmax regression only
         b = cr.draw_noise(jax.random.fold_in(problem.key, 7), trained.params, sigma,
                           problem.cfg.dtype)
         fit = cr.fit_perturbed(problem, b, params=trained.params, tol=tol, max_iter=max_iter)

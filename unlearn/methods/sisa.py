@@ -3,13 +3,16 @@
 ``prepare`` trains the S-shard × R-slice ensemble (the single trained model θ* is not used:
 SISA replaces it); ``forget`` retrains only the affected shards from their last unaffected
 checkpoint (:func:`unlearn.sisa.forget`). ``Result.params`` is ``None`` (an ensemble) and
-``Result.logits`` is the aggregate (mean probability or majority vote). Defaults: 4 shards,
+``Result.logits`` is the aggregate (mean probability or majority vote; the mean output for a
+task that is not a classifier, e.g. squared-error regression). Defaults: 4 shards,
 2 slices, uniform assignment, mean-probability aggregation.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+import jax.numpy as jnp
 
 from unlearn import sisa as sisa_lib
 from unlearn.data import as_ids
@@ -40,8 +43,19 @@ def sisa(shards: int = 4, slices: int = 2, assignment: str = "uniform",
     def forget(state: SisaMethodState, forget_ids, key):
         del key  # exact unlearning: a function of the problem's key only
         ens, stats = sisa_lib.forget(state.ensemble, as_ids(forget_ids, "forget_ids"))
-        result = Result(logits=lambda x: sisa_lib.predict(ens, x, aggregation), params=None,
-                        stats=stats)
+        result = Result(logits=lambda x: _predict(state.problem, ens, x, aggregation),
+                        params=None, stats=stats)
         return result, state._replace(ensemble=ens)
 
     return Unlearner("sisa", prepare, forget)
+
+
+def _predict(problem: Problem, ens: sisa_lib.SisaState, x, aggregation: str):
+    """Classifiers: the ``aggregation`` of the shard probabilities; any other task (e.g.
+    squared-error regression): the mean of the non-empty shards' outputs."""
+    loss = getattr(problem.model.apply, "loss", None)
+    if loss is None or loss.classes:
+        return sisa_lib.predict(ens, x, aggregation)
+    out = sisa_lib.shard_logits(ens, x)
+    w = jnp.asarray(ens.shard_sizes() > 0, out.dtype)
+    return jnp.tensordot(w / jnp.maximum(w.sum(), 1.0), out, axes=1)
