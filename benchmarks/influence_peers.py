@@ -356,7 +356,7 @@ def run_ours(setting: str, backend: str, d: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from unlearn import influence
+    from unlearn import influence, inverse
 
     cfg = SETTINGS[setting]
     model, params = _model_and_params(setting, d["theta"], d["x"], jnp.float32)
@@ -366,18 +366,18 @@ def run_ours(setting: str, backend: str, d: dict) -> dict:
     rank = cfg["nystrom"] if backend == "pcg" else cfg["rank"]
     block = backend != "cg-vmap"
     backend = "cg" if backend == "cg-vmap" else backend
-    opts = dict(backend=backend, damping=cfg["damping"], curvature_kind=kind, rank=rank,
-                block=block, tol=CG_TOL if backend in ("cg", "pcg", "pcg-ekfac") else None,
-                key=jax.random.PRNGKey(0), lissa_depth=LISSA_DEPTH,
-                lissa_batch=cfg["lissa_batch"])
+    solver = inverse.backend(backend, rank=rank, block=block,
+                             tol=CG_TOL if backend in ("cg", "pcg", "pcg-ekfac") else None,
+                             key=jax.random.PRNGKey(0), depth=LISSA_DEPTH,
+                             batch=cfg["lissa_batch"])
+    curv = inverse.Curvature(model.apply, params, x, y, cfg["l2"], kind=kind)
     base = _rss_mb()
     runs = []
     for _ in range(2):  # cold (includes JIT compilation), then warm
         t0 = time.perf_counter()
-        inv = influence.prepare_inverse(model.apply, params, x, y, cfg["l2"], **opts)
+        inv = solver.prepare(curv, cfg["damping"])
         t1 = time.perf_counter()
-        out = influence.influence_up_loss(model.apply, params, x, y, xt, yt, cfg["l2"],
-                                          prepared=inv)
+        out = influence.influence_up_loss(curv, xt, yt, inv)
         scores = np.asarray(jax.block_until_ready(out.scores))
         t2 = time.perf_counter()
         runs.append((t1 - t0, t2 - t1))
@@ -777,7 +777,7 @@ def render(outs, load0, load1, seconds, quick, missing) -> str:
               f"rank-{SETTINGS['mlp']['nystrom']} Nyström approximation (with block CG, rank "
               "300 saves one iteration on the MLP and costs two batched products more to "
               "prepare). The project's CG path for influence is `pcg` "
-              "(`influence.prepare_inverse(backend='pcg')`).", ""]
+              "(`inverse.NystromPCG`).", ""]
     lines += [f"- {n}" for n in summary(outs)]
     return "\n".join(lines) + "\n"
 

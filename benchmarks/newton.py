@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import best_time, write_section  # noqa: E402
-from unlearn import data, methods, models, train  # noqa: E402
+from unlearn import data, methods, models, removal, train  # noqa: E402
 from unlearn.metrics import relative_distance  # noqa: E402
 
 
@@ -171,10 +171,9 @@ def main(argv=None) -> str:
 
 def train_grad(problem, params, w):
     """Mean-form gradient of the retained objective (flat)."""
-    from unlearn import influence
 
     x = np.asarray(problem.train.x, np.float64)
-    return influence.retained_gradient(problem.model.apply, params, x, problem.train.y,
+    return removal.retained_gradient(problem.model.apply, params, x, problem.train.y,
                                        np.asarray(w, np.float64), problem.cfg.l2)
 
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unlearn import data, influence, models, plotting, runner, train
+from unlearn import data, influence, inverse, models, plotting, runner, train
 
 NAME = "influence_loo"
 _MNIST17 = dict(dataset="mnist5k", model="binary_logreg", l2=1e-2, test_points=2, top=50,
@@ -85,13 +85,13 @@ def _run(dataset, model_name, l2, test_points, top, solvers, seed, load_kwargs, 
     xt = jnp.asarray(te.x.reshape(len(te), -1)[chosen], jnp.float64)
     yt = jnp.asarray(te.y[chosen])
     preds = {}
+    curv = inverse.Curvature(model.apply, star.params, x, y, l2)
     for s in solvers:
         progress(f"influence ({s})")
-        preds[s] = np.asarray(influence.loo_test_loss_change(
-            model.apply, star.params, x, y, xt, yt, l2, solver=s))
+        preds[s] = np.asarray(influence.loo_test_loss_change(curv, xt, yt,
+                                                             inverse.backend(s)))
     preds["koh_liang_plain"] = np.asarray(influence.loo_test_loss_change(
-        model.apply, star.params, x, y, xt, yt, l2, solver=solvers[0],
-        correct_regulariser=False))
+        curv, xt, yt, inverse.backend(solvers[0]), correct_regulariser=False))
     base = _test_losses(model.apply, star.params, xt, yt)
     points = []
     for j, t in enumerate(chosen):

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unlearn import data, influence, models, plotting, runner, train
+from unlearn import data, influence, inverse, models, plotting, runner, train
 from unlearn.objective import cross_entropy
 
 NAME = "influence_loo_cnn"
@@ -124,8 +124,8 @@ def run(*, n_train, features, dense, l2, adam_epochs, adam_lr, batch_size, lbfgs
             if solver == "cg":
                 opts.update(tol=1e-8, maxiter=5000)
             preds[label] = np.asarray(influence.loo_test_loss_change(
-                apply, star, x, y, xt, yt, l2, solver=solver, damping=damping,
-                curvature_kind=kind, **opts))
+                inverse.Curvature(apply, star, x, y, l2, kind=kind), xt, yt,
+                inverse.backend(solver, **opts), damping=damping))
             seconds[label] = time.perf_counter() - t
         first = backends[0]
         rows, drift, t = [], [], time.perf_counter()

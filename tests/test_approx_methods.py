@@ -9,7 +9,7 @@ import pytest
 
 from experiments import compare_methods
 from unlearn import data, methods, models, runner, train
-from unlearn.methods import _loops
+from unlearn.methods import loops
 from unlearn.methods.base import Unlearner, next_weights, params_result, prepare_params
 from unlearn.methods.salun import saliency_mask
 from unlearn.metrics import flat
@@ -41,7 +41,7 @@ def test_neggrad_raises_forget_loss(setting):
 def test_random_labels_are_other_classes():
     y = np.arange(50) % 10
     rows = np.arange(0, 50, 2)
-    out = _loops.random_labels(y, rows, 10, jax.random.key(0))
+    out = loops.random_labels(y, rows, 10, jax.random.key(0))
     assert (out[rows] != y[rows]).all() and (out[rows] < 10).all()
     np.testing.assert_array_equal(np.delete(out, rows), np.delete(y, rows))
 

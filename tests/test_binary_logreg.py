@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from unlearn import certified, curvature, data, influence, methods, models, train
+from unlearn import certified, curvature, data, inverse, methods, models, train
 from unlearn.objective import example_losses, objective
 
 
@@ -60,7 +60,7 @@ def test_closed_form_hessian_matches_autodiff(pair, x64):
     assert got.shape == (785, 785)
     # float64, entries O(1): agreement to rounding of an n-term sum
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-13)
-    np.testing.assert_allclose(influence.full_hessian(m.apply, params, x, y, w, 0.05), ref,
+    np.testing.assert_allclose(inverse.full_hessian(m.apply, params, x, y, w, 0.05), ref,
                                rtol=0, atol=1e-13)
     with pytest.raises(ValueError, match="K >= 2"):
         curvature.binary_logistic_hessian(models.logreg(3).init(jax.random.key(0), x[:1]), x,

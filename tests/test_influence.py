@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unlearn import data, influence, models, train
+from unlearn import data, influence, inverse, models, train
 
 
 @pytest.fixture
@@ -23,7 +23,8 @@ def test_influence_definition_and_cg_match_dense(digits):
     m, tr = problem.model, problem.train
     x, y = jnp.asarray(tr.x), jnp.asarray(tr.y)
     xt, yt = jnp.asarray(te.x[:2]), jnp.asarray(te.y[:2])
-    infl = influence.influence_up_loss(m.apply, star.params, x, y, xt, yt, 1e-3).scores
+    infl = influence.influence_up_loss(inverse.Curvature(m.apply, star.params, x, y, 1e-3),
+                                       xt, yt).scores
     # Independent: jax.hessian of the mean objective, dense solve, per-example grads by jax.grad.
     theta, unravel = jax.flatten_util.ravel_pytree(star.params)
     obj = lambda t: train.objective(m.apply, unravel(t), x, y, jnp.ones(len(tr)), 1e-3)  # noqa
@@ -33,7 +34,8 @@ def test_influence_definition_and_cg_match_dense(digits):
     g_te = jax.vmap(jax.grad(loss1), (None, 0, 0))(theta, xt, yt)
     expect = -(np.linalg.solve(np.asarray(h), np.asarray(g_te).T).T @ np.asarray(g_tr).T)
     np.testing.assert_allclose(np.asarray(infl[:, :50]), expect, rtol=1e-8, atol=1e-10)
-    out_cg = influence.influence_up_loss(m.apply, star.params, x, y, xt, yt, 1e-3, solver="cg")
+    out_cg = influence.influence_up_loss(inverse.Curvature(m.apply, star.params, x, y, 1e-3),
+                                         xt, yt, inverse.CG())
     assert out_cg.solution.method == "block-cg" and out_cg.solution.iterations.shape == (2,)
     infl_cg = out_cg.scores
     np.testing.assert_allclose(np.asarray(infl_cg), np.asarray(infl), rtol=1e-6,
@@ -49,8 +51,8 @@ def test_predicted_loo_change_matches_retraining(digits):
                                              jnp.asarray(te.y)))
     t = int(np.argmax(losses))
     xt, yt = jnp.asarray(te.x[t:t + 1]), jnp.asarray(te.y[t:t + 1])
-    pred = np.asarray(influence.loo_test_loss_change(m.apply, star.params, x, y, xt, yt,
-                                                     1e-3))[0]
+    pred = np.asarray(influence.loo_test_loss_change(
+        inverse.Curvature(m.apply, star.params, x, y, 1e-3), xt, yt))[0]
     top = np.argsort(-np.abs(pred))[:8]
     base = float(train.example_losses(m.apply, star.params, xt, yt)[0])
     actual = []
@@ -104,31 +106,31 @@ def test_every_backend_against_dense_float64(tiny_mlp, kind):
     ref_s = np.linalg.solve(a, np.asarray(g_te).T).T
     g_tr = influence.example_gradients(m.apply, star.params, x, y)
     ref = -ref_s @ np.asarray(g_tr).T
-    common = dict(damping=damping, curvature_kind=kind, tol=1e-11, key=jax.random.PRNGKey(0))
+    curv = inverse.Curvature(m.apply, star.params, x, y, l2, kind=kind)
+    opts = dict(tol=1e-11, key=jax.random.PRNGKey(0))
     cond = np.linalg.cond(a)
     for backend in ("exact", "cg", "pcg", "pcg-ekfac"):
         if backend == "exact" and kind == "ggn":
             continue  # the dense path builds the GGN from the same products as ggn_vp
-        out = influence.influence_up_loss(m.apply, star.params, x, y, xt, yt, l2,
-                                          solver=backend, rank=20, **common)
+        out = influence.influence_up_loss(curv, xt, yt, inverse.backend(backend, rank=20, **opts),
+                                          damping=damping)
         err = np.abs(np.asarray(out.scores) - ref).max() / np.abs(ref).max()
         assert err < cond * 1e-11, (backend, err)
         assert bool(jnp.all(out.solution.converged)), backend
     # Arnoldi with the full Krylov space: exact up to Lanczos' rounding (cond * eps).
-    full = influence.influence_up_loss(m.apply, star.params, x, y, xt, yt, l2,
-                                       solver="arnoldi", rank=p, **common)
+    full = influence.influence_up_loss(curv, xt, yt, inverse.Arnoldi(rank=p, key=opts["key"]),
+                                       damping=damping)
     assert np.abs(np.asarray(full.scores) - ref).max() / np.abs(ref).max() < 1e-6
     # LiSSA (deterministic, full batch): error <= (1 - lambda_min / s)^depth relative.
     ev = np.linalg.eigvalsh(a)
     depth = 3000
-    out = influence.influence_up_loss(m.apply, star.params, x, y, xt, yt, l2, solver="lissa",
-                                      lissa_depth=depth, **common)
+    out = influence.influence_up_loss(curv, xt, yt, inverse.LiSSA(depth=depth, key=opts["key"]),
+                                      damping=damping)
     bound = (1 - ev[0] / (1.5 * ev[-1] * 1.05)) ** depth
     err = np.abs(np.asarray(out.s_test) - ref_s).max() / np.abs(ref_s).max()
     assert err < max(10 * bound, 1e-8)
     # EK-FAC approximates the GGN: agreement, not equality (block-diagonal, eigen-corrected).
-    ek = influence.influence_up_loss(m.apply, star.params, x, y, xt, yt, l2, solver="ekfac",
-                                     **common)
+    ek = influence.influence_up_loss(curv, xt, yt, inverse.EKFAC(), damping=damping)
     assert np.corrcoef(np.asarray(ek.scores).ravel(), ref.ravel())[0, 1] > 0.5
 
 
@@ -146,12 +148,14 @@ def test_scores_stream_without_per_example_gradients(tiny_mlp):
 def test_exact_backend_refuses_huge_p():
     big = {"params": {"Dense_0": {"bias": jnp.zeros(10), "kernel": jnp.zeros((4500, 10))}}}
     with pytest.raises(ValueError, match="40000 parameters use backend='pcg'"):
-        influence.prepare_inverse(models.logreg(10).apply, big, jnp.ones((3, 4500)),
-                                  jnp.zeros(3, jnp.int32), 1e-3, backend="exact")
+        inverse.Exact().prepare(inverse.Curvature(models.logreg(10).apply, big,
+                                                  jnp.ones((3, 4500)), jnp.zeros(3, jnp.int32),
+                                                  1e-3))
     # All-zero inputs: every kernel weight decouples, only the 10 bias coordinates remain.
-    inv = influence.prepare_inverse(models.logreg(10).apply, big, jnp.zeros((3, 4500)),
-                                    jnp.zeros(3, jnp.int32), 1e-3, backend="exact")
-    assert inv.factor.cholesky.factor.shape == (10, 10)
+    inv = inverse.Exact().prepare(inverse.Curvature(models.logreg(10).apply, big,
+                                                    jnp.zeros((3, 4500)),
+                                                    jnp.zeros(3, jnp.int32), 1e-3))
+    assert inv.state.cholesky.factor.shape == (10, 10)
 
 
 @pytest.mark.parametrize("k", [10, 1])
@@ -178,11 +182,11 @@ def test_exact_backend_drops_decoupled_features(k):
         obj = lambda t: train.objective(m.apply, unravel(t), xj, yj, wj, l2)  # noqa: E731
         a = np.asarray(jax.hessian(obj)(theta)) + damping * np.eye(theta.size)
         g = np.asarray(influence.example_gradients(m.apply, params, xj[:7], yj[:7]))
-        inv = influence.prepare_inverse(m.apply, params, xj, yj, l2, backend="exact",
-                                        damping=damping, w=wj)
-        assert isinstance(inv.factor, influence.DecoupledCholesky)
-        assert inv.factor.index.size == (d - 4 + 1) * k
-        sol = influence.inverse_hvp(inv, jnp.asarray(g))
+        inv = inverse.Exact().prepare(inverse.Curvature(m.apply, params, xj, yj, l2, wj),
+                                      damping)
+        assert isinstance(inv.state, inverse.DecoupledCholesky)
+        assert inv.state.index.size == (d - 4 + 1) * k
+        sol = inv.apply(jnp.asarray(g))
         ref = np.linalg.solve(a, g.T).T
         assert np.abs(np.asarray(sol.x) - ref).max() / np.abs(ref).max() < 1e-12
         assert bool(jnp.all(sol.converged))

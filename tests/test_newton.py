@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unlearn import data, influence, methods, models, train
+from unlearn import data, inverse, methods, models, removal, train
 from unlearn.metrics import relative_distance
 
 L2 = 1e-3
@@ -85,13 +85,14 @@ def test_woodbury_equals_dense_solve(digits64, k):
     x, y = jnp.asarray(tr.x), jnp.asarray(tr.y)
     n = len(tr)
     damping = 0.0 if k != 7 else 1e-2  # also exercise the damped form
-    fac = influence.newton_factor(apply, trained.params, x, y, jnp.ones(n), L2, damping)
+    curv = inverse.Curvature(apply, trained.params, x, y, L2, jnp.ones(n))
+    fac = removal.newton_factor(curv, damping)
     pos = np.random.default_rng(k).choice(n, size=k, replace=False)
     w = np.ones(n)
     w[pos] = 0.0
     g = jax.random.normal(jax.random.key(k), (fac.evals.shape[0],), jnp.float64)
-    v = influence.removed_curvature_factor(apply, trained.params, x[pos])
-    res = influence.woodbury_solve(fac, v, k, g)
+    v = removal.removed_curvature_factor(apply, trained.params, x[pos])
+    res = removal.woodbury_solve(fac, v, k, g)
     # Independent: the dense retained Hessian by jax.hessian (chunked), solved directly.
     from unlearn import curvature
 
@@ -107,7 +108,7 @@ def test_removed_curvature_factor_is_the_hessian_of_removed_losses(digits64):
     problem, trained, _ = digits64
     apply, tr = problem.model.apply, problem.train
     x, y = jnp.asarray(tr.x[:3]), jnp.asarray(tr.y[:3])
-    v = influence.removed_curvature_factor(apply, trained.params, x)
+    v = removal.removed_curvature_factor(apply, trained.params, x)
     from unlearn import curvature
 
     # Hessian of the *sum* of the 3 losses = 3 × mean-objective Hessian with l2 = 0.
@@ -169,28 +170,29 @@ def test_projected_curvature_and_downdated_gradient_match_direct(digits64):
     apply, tr = problem.model.apply, problem.train
     x, y = jnp.asarray(tr.x), jnp.asarray(tr.y)
     n = len(tr)
-    fac = influence.newton_factor(apply, trained.params, x, y, jnp.ones(n), L2)
+    fac = removal.newton_factor(inverse.Curvature(apply, trained.params, x, y, L2,
+                                                  jnp.ones(n)))
     pos = np.random.default_rng(3).choice(n, size=6, replace=False)
-    z = influence.projected_removed_curvature(apply, trained.params, x[pos], fac.evecs)
-    v = influence.removed_curvature_factor(apply, trained.params, x[pos])
+    z = removal.projected_removed_curvature(apply, trained.params, x[pos], fac.evecs)
+    v = removal.removed_curvature_factor(apply, trained.params, x[pos])
     np.testing.assert_allclose(np.asarray(z), np.asarray(fac.evecs.T @ v), atol=1e-12)
     # The generic path (any pytree: here the same model over one flat vector) agrees too.
     theta, unravel = jax.flatten_util.ravel_pytree(trained.params)
     flat_apply = lambda t, xx: apply(unravel(t), xx)  # noqa: E731
-    z_generic = influence.projected_removed_curvature(flat_apply, theta, x[pos], fac.evecs)
+    z_generic = removal.projected_removed_curvature(flat_apply, theta, x[pos], fac.evecs)
     np.testing.assert_allclose(np.asarray(z_generic), np.asarray(z), atol=1e-12)
     # Zero-weight padding rows (how the method buckets request sizes) add only zero columns.
     padded = np.concatenate([pos, pos[:2]])
     wpad = jnp.asarray([1.0] * 6 + [0.0] * 2)
     for f, a, p0 in ((apply, trained.params, z), (flat_apply, theta, z_generic)):
-        zp = influence.projected_removed_curvature(f, a, x[padded], fac.evecs, wpad)
+        zp = removal.projected_removed_curvature(f, a, x[padded], fac.evecs, wpad)
         np.testing.assert_allclose(np.asarray(zp[:, :60]), np.asarray(p0), atol=1e-12)
         assert float(jnp.abs(zp[:, 60:]).max()) == 0.0
     w = np.ones(n)
     w[pos] = 0.0
-    g = influence.downdated_gradient(apply, trained.params, fac.grad_sum, x[pos], y[pos],
+    g = removal.downdated_gradient(apply, trained.params, fac.grad_sum, x[pos], y[pos],
                                      jnp.ones(6), jnp.asarray(n - 6.0), jnp.asarray(L2))
-    direct = influence.retained_gradient(apply, trained.params, x, y, jnp.asarray(w), L2)
+    direct = removal.retained_gradient(apply, trained.params, x, y, jnp.asarray(w), L2)
     np.testing.assert_allclose(np.asarray(g), np.asarray(direct), rtol=1e-9,
                                atol=1e-12 * float(jnp.abs(direct).max()))
 
@@ -202,7 +204,8 @@ def test_factor_of_a_singular_hessian_asks_for_damping(digits64):
     apply, tr = problem.model.apply, problem.train
     x, y = jnp.asarray(tr.x), jnp.asarray(tr.y)
     with pytest.raises(ValueError, match="not positive definite.*damping="):
-        influence.newton_factor(apply, trained.params, x, y, jnp.ones(len(tr)), 0.0)
-    fac = influence.newton_factor(apply, trained.params, x, y, jnp.ones(len(tr)), 0.0,
-                                  damping=1e-3)
+        removal.newton_factor(inverse.Curvature(apply, trained.params, x, y, 0.0,
+                                                jnp.ones(len(tr))))
+    fac = removal.newton_factor(inverse.Curvature(apply, trained.params, x, y, 0.0,
+                                                  jnp.ones(len(tr))), damping=1e-3)
     assert float(fac.evals[0]) >= 1e-3 * (1 - 1e-9)

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from unlearn import data, engine, influence, models, objective, task, train
+from unlearn import data, engine, influence, inverse, models, objective, task, train
 from unlearn.curvature import ggn_vp
 
 
@@ -101,9 +101,10 @@ def test_exact_backend_on_a_linear_head_is_the_dense_solve(digits, x64):
     params = jax.tree.map(lambda a: a.astype(jnp.float64), head.init(jax.random.key(1), x))
     l2 = 1e-2
     h, theta = _dense_objective_hessian(head.apply, params, x, y, l2)
-    hf = influence.full_hessian(head.apply, params, x, y, jnp.ones(120), l2)
+    hf = inverse.full_hessian(head.apply, params, x, y, jnp.ones(120), l2)
     np.testing.assert_allclose(hf, h, rtol=1e-10, atol=1e-12)
-    out = influence.influence_up_loss(head.apply, params, x, y, xt, yt, l2, solver="exact")
+    out = influence.influence_up_loss(inverse.Curvature(head.apply, params, x, y, l2), xt, yt,
+                                      inverse.Exact())
     gt = jax.vmap(lambda xi, yi: jax.grad(lambda t: objective.cross_entropy(
         head.apply(ravel_pytree(params)[1](t), xi[None]), yi[None])[0])(theta))
     g_test, g_train = gt(xt, yt), gt(x, y)
@@ -112,7 +113,7 @@ def test_exact_backend_on_a_linear_head_is_the_dense_solve(digits, x64):
     # and the package's logreg, which declares the closed form, still gets it
     lr = models.logreg(10)
     p2 = jax.tree.map(lambda a: a.astype(jnp.float64), lr.init(jax.random.key(2), x))
-    np.testing.assert_allclose(influence.full_hessian(lr.apply, p2, x, y, jnp.ones(120), l2),
+    np.testing.assert_allclose(inverse.full_hessian(lr.apply, p2, x, y, jnp.ones(120), l2),
                                _dense_objective_hessian(lr.apply, p2, x, y, l2)[0],
                                rtol=1e-10, atol=1e-12)
 
@@ -128,10 +129,12 @@ def test_declared_curvature_hook_is_used(digits, x64):
         return 2.0 * _dense_objective_hessian(base.apply, p, xx, yy, l2)[0]
 
     hooked = task.from_linen(_Head(), curvature=twice)
-    a = influence.influence_up_loss(base.apply, params, x, y, x[:3], y[:3], 1e-2).scores
+    a = influence.influence_up_loss(inverse.Curvature(base.apply, params, x, y, 1e-2), x[:3],
+                                    y[:3]).scores
     # the solve's true residual is checked against the real operator: the hook is flagged
     with pytest.warns(RuntimeWarning, match="did not converge"):
-        b = influence.influence_up_loss(hooked.apply, params, x, y, x[:3], y[:3], 1e-2).scores
+        b = influence.influence_up_loss(inverse.Curvature(hooked.apply, params, x, y, 1e-2),
+                                        x[:3], y[:3]).scores
     np.testing.assert_allclose(b, 0.5 * a, rtol=1e-9)
     with pytest.raises(ValueError, match="curvature='bogus'"):
         task.from_linen(_Head(), curvature="bogus")

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from unlearn import influence
+from unlearn import inverse, removal
 from unlearn.train import Fit, Problem, cast, init_params, lbfgs_loop, objective
 
 Params = Any
@@ -241,7 +241,7 @@ def newton_removal(problem: Problem, params: Params, w_prev: np.ndarray, w: np.n
     m = int(round(n_prev - float(np.sum(w))))
     r_prev = residual_norm(problem, params, w_prev, b)
     g = sum_gradient(apply, params, x, y, wj, l2, b) / jnp.sum(wj)
-    new, res = influence.newton_step(apply, params, x, y, wj, l2, solver="exact", grad=g)
+    new, res = removal.newton_step(inverse.Curvature(apply, params, x, y, l2, wj), grad=g)
     theta, unravel = ravel_pytree(params)
     v = theta - ravel_pytree(new)[0]
     keep = np.asarray(w) > 0

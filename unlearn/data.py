@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-EMBEDDED = ("digits", "breast_cancer", "mnist1d", "synthetic", "mnist5k")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 

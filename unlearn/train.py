@@ -112,17 +112,6 @@ class Fit(NamedTuple):
 # ----------------------------------------------------------------------------- engine glue
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """The optax transformation named by ``cfg.optimizer`` at learning rate ``cfg.lr`` (with
-    the learning rate injected as state; :func:`unlearn.engine.make_optimizer`)."""
-    return engine.make_optimizer(cfg.optimizer, cfg.lr)
-
-
-def use_scan(model: Model, strategy: str) -> bool:
-    """Whether an epoch runs as one ``lax.scan`` (True) or a loop of jitted steps."""
-    return engine.resolve_strategy(model, strategy) == "scan"
-
-
 def _crop_flip(x, id_hashes, key, epoch):
     return augment_lib.augment(x, id_hashes, key, epoch)
 

@@ -56,8 +56,16 @@ REGISTRY: dict[str, Entry] = {
 
 
 def register(name: str, make: Callable[..., Unlearner], *, convex_only: bool = False,
-             description: str = "") -> None:
-    """Add a method to the registry (for methods defined outside this package)."""
+             description: str = "", replace: bool = False) -> None:
+    """Add a method to the registry (for methods defined outside this package); an existing
+    name is refused unless ``replace=True``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string; got {name!r}.")
+    if not callable(make):
+        raise TypeError(f"make must be a constructor returning an Unlearner; got {make!r}.")
+    if name in REGISTRY and not replace:
+        raise ValueError(f"method {name!r} is already registered; pick another name or pass "
+                         "replace=True.")
     REGISTRY[name] = Entry(make, convex_only, description)
 
 

@@ -18,7 +18,7 @@ the points). For the mean-normalised objective :math:`L = \frac1n\sum_i\ell_i + 
 (their ``alpha`` for the WoodFisher step). ``H`` is the Gauss–Newton matrix for non-convex
 models (PSD; ``curvature='hessian'`` for the Hessian) and the Hessian for convex ones, always in
 eval mode with frozen BatchNorm statistics (``models.frozen_apply``), which the step leaves
-unchanged. Backends are those of :func:`unlearn.influence.prepare_inverse`: ``pcg`` (default:
+unchanged. Backends are those of :mod:`unlearn.inverse`: ``pcg`` (default:
 CG on the exact damped curvature, preconditioned by a Nyström approximation prepared once —
 converges to the exact step), ``cg``, ``exact`` (dense, small models), ``ekfac``/``kfac``
 (dense layers only), ``arnoldi``, ``lissa``. Chained requests reuse the inverse prepared at
@@ -39,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from unlearn import engine, models
+from unlearn import engine, inverse, models
 from unlearn import influence as inf
+from unlearn.inverse import InverseCurvature
 from unlearn.methods.base import Unlearner, next_weights, params_result
 from unlearn.train import Fit, Problem, cast
 
@@ -54,7 +55,7 @@ class InfluenceState(NamedTuple):
     params: Params
     model_state: Params
     weights: np.ndarray
-    inverse: inf.InverseCurvature
+    inverse: InverseCurvature
 
 
 def influence_unlearning(
@@ -71,7 +72,7 @@ def influence_unlearning(
     r"""Influence unlearning (one damped Newton step from the prepared full-data curvature).
 
     Args:
-      backend: inverse-curvature backend (:data:`unlearn.influence.BACKENDS`).
+      backend: inverse-curvature backend (a name in :data:`unlearn.inverse.BACKENDS`).
       damping: :math:`\lambda_d` added to the curvature (default: 0 for convex models,
         1e-3 otherwise; non-convex models need > 0).
       alpha: scale of the step (1: the influence-function estimate).
@@ -82,8 +83,8 @@ def influence_unlearning(
       lissa_depth: LiSSA recursion depth.
       chunk_size: examples per chunk when the (E)K-FAC factors are accumulated.
     """
-    if backend not in inf.BACKENDS:
-        raise ValueError(f"backend={backend!r}: choose one of {inf.BACKENDS}.")
+    if backend not in inverse.BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose one of {tuple(inverse.BACKENDS)}.")
     if curvature not in ("auto", "hessian", "ggn"):
         raise ValueError(f"curvature={curvature!r}: choose 'auto', 'hessian' or 'ggn'.")
     if damping is not None and damping < 0:
@@ -103,16 +104,17 @@ def influence_unlearning(
         kind = curvature if curvature != "auto" else ("hessian" if convex else "ggn")
         dtype = problem.cfg.dtype
         params, mstate = engine.split_variables(cast(trained.params, dtype))
-        apply = models.frozen_apply(problem.model, mstate)
         x = cast(jnp.asarray(problem.train.x), dtype)
         y = jnp.asarray(problem.train.y)
         p = ravel_pytree(params)[0].size
-        inverse = inf.prepare_inverse(
-            apply, params, x, y, problem.cfg.l2, backend=backend, damping=lam,
-            curvature_kind=kind, rank=min(rank, p - 1), key=jax.random.fold_in(problem.key, 11),
-            tol=tol, maxiter=maxiter, lissa_depth=lissa_depth, chunk_size=chunk_size)
+        curv = inverse.Curvature(models.frozen_apply(problem.model, mstate), params, x, y,
+                                 problem.cfg.l2, kind=kind)
+        solver = inverse.backend(backend, rank=min(rank, p - 1), tol=tol, maxiter=maxiter,
+                                 key=jax.random.fold_in(problem.key, 11), depth=lissa_depth,
+                                 chunk_size=chunk_size)
+        prepared = solver.prepare(curv, lam)
         return InfluenceState(problem, params, mstate,
-                              np.ones(len(problem.train), np.float32), inverse)
+                              np.ones(len(problem.train), np.float32), prepared)
 
     def forget(state: InfluenceState, forget_ids, key):
         del key  # deterministic (LiSSA draws its minibatches from the prepare-time key)
@@ -127,11 +129,11 @@ def influence_unlearning(
         k = len(pos)
         grads = inf.example_gradients(apply, state.params, x, y)
         rhs = (jnp.sum(grads, axis=0) + k * p.cfg.l2 * theta) / n_left
-        sol = inf.inverse_hvp(state.inverse, rhs[None].astype(theta.dtype))
+        sol = state.inverse.apply(rhs[None].astype(theta.dtype))
         step = alpha * sol.x[0]
         new = unravel(theta + step.astype(theta.dtype))
         stats = {
-            "backend": state.inverse.backend,
+            "backend": state.inverse.backend.name,
             "k": k,
             "iterations": int(sol.iterations[0]),
             "residual": float(sol.residual[0]),

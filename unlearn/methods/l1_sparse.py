@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from unlearn.methods._loops import loop_unlearner, mean_ce
+from unlearn.methods.loops import loop_unlearner, mean_ce
 from unlearn.methods.base import Unlearner
 
 

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from unlearn.methods._loops import loop_unlearner, mean_ce
+from unlearn.methods.loops import loop_unlearner, mean_ce
 from unlearn.methods.base import Unlearner
 
 

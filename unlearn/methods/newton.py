@@ -2,11 +2,12 @@ r"""Newton removal (Guo et al. 2020, "Certified Data Removal from Machine Learni
 
 One batch Newton step on the retained objective removes all ``k`` requested points at once:
 :math:`\theta^- = \theta - (H_r + \lambda_d I)^{-1}\nabla L(\theta; D\setminus U)`, optionally
-followed by a second step at :math:`\theta^-` (``steps=2``). Solvers (``unlearn.influence``):
+followed by a second step at :math:`\theta^-` (``steps=2``). Solvers (``unlearn.removal``,
+``unlearn.inverse``):
 
 * ``exact`` — ``prepare`` eigendecomposes the full-data Hessian at :math:`\theta^*` once and
   sums the example gradients there; each request is an exact Woodbury downdate for the removed
-  points' curvature and the regulariser's re-weighting (see :mod:`unlearn.influence`): the
+  points' curvature and the regulariser's re-weighting (see :mod:`unlearn.removal`): the
   removed points' gradients and three passes over the eigenvectors. Later requests reuse the
   factor at :math:`\theta^*` with every point removed so far (curvature at the anchor, a full
   gradient at the current params). The second step (``steps=2``) uses a fresh dense Hessian
@@ -33,6 +34,8 @@ recomputed, up to ``max_retries`` times, after which the params are left unchang
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
 from typing import Any, NamedTuple
 
@@ -40,8 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unlearn import curvature as curv
-from unlearn import engine, influence, models
+from unlearn import engine, inverse, models, removal
 from unlearn.methods.base import Unlearner, check_convex, next_weights, params_result
 from unlearn.objective import objective
 from unlearn.train import Fit, Problem, bucket, cast
@@ -59,8 +61,50 @@ class NewtonState(NamedTuple):
     y: jax.Array
     anchor: Params
     anchor_weights: np.ndarray
-    factor: influence.NewtonFactor | influence.NystromCache | None
+    factor: removal.NewtonFactor | removal.NystromCache | None
     model_state: Params = None
+
+
+@dataclasses.dataclass(frozen=True)
+class NewtonConfig:
+    """The hyperparameters of :func:`newton` (validated there)."""
+
+    solver: str = "auto"
+    steps: int = 1
+    damping: float | None = None
+    tol: float | None = None
+    maxiter: int | None = None
+    lissa_depth: int = 1000
+    lissa_scale: float | None = None
+    report_residual: bool = True
+    precond: str | None = "nystrom"
+    rank: int = 100
+    curvature: str = "auto"
+    max_retries: int = 3
+
+    def check(self) -> NewtonConfig:
+        choices = {"solver": ("auto", "exact", "cg", "lissa"), "precond": ("nystrom", None),
+                   "curvature": ("auto", "hessian", "ggn"), "steps": (1, 2)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {allowed}.")
+        if self.rank < 1:
+            raise ValueError(f"rank={self.rank!r} must be >= 1.")
+        if self.damping is not None and self.damping < 0:
+            raise ValueError(f"damping={self.damping!r} must be >= 0.")
+        return self
+
+    def resolved(self, problem: Problem) -> tuple[str, float]:
+        """(solver, damping) for this problem: exact and no damping for convex models."""
+        convex = problem.model.convex
+        s = self.solver if self.solver != "auto" else ("exact" if convex else "cg")
+        lam = (0.0 if convex else 1e-3) if self.damping is None else float(self.damping)
+        return s, lam
+
+    def kind(self, problem: Problem) -> str:
+        """The curvature: the Hessian for convex models, the Gauss–Newton matrix otherwise."""
+        ggn = self.curvature == "ggn" or (self.curvature == "auto" and not problem.model.convex)
+        return "ggn" if ggn else "hessian"
 
 
 def newton(
@@ -99,141 +143,136 @@ def newton(
       max_retries: non-convex trust rule: how many times the damping is raised ×10 when a step
         does not lower the retained objective.
     """
-    if solver not in ("auto", "exact", "cg", "lissa"):
-        raise ValueError(f"solver={solver!r}: choose 'auto', 'exact', 'cg' or 'lissa'.")
-    if precond not in ("nystrom", None):
-        raise ValueError(f"precond={precond!r}: choose 'nystrom' or None.")
-    if curvature not in ("auto", "hessian", "ggn"):
-        raise ValueError(f"curvature={curvature!r}: choose 'auto', 'hessian' or 'ggn'.")
-    if rank < 1:
-        raise ValueError(f"rank={rank!r} must be >= 1.")
-    if steps not in (1, 2):
-        raise ValueError(f"steps={steps!r}: choose 1 or 2.")
-    if damping is not None and damping < 0:
-        raise ValueError(f"damping={damping!r} must be >= 0.")
+    cfg = NewtonConfig(solver, steps, damping, tol, maxiter, lissa_depth, lissa_scale,
+                       report_residual, precond, rank, curvature, max_retries).check()
+    return Unlearner("newton", functools.partial(_prepare, cfg),
+                     functools.partial(_forget, cfg))
 
-    def resolved(problem: Problem) -> tuple[str, float]:
-        convex = problem.model.convex
-        s = solver if solver != "auto" else ("exact" if convex else "cg")
-        lam = (0.0 if convex else 1e-3) if damping is None else float(damping)
-        return s, lam
 
-    def curvature_fn(problem: Problem):
-        use_ggn = curvature == "ggn" or (curvature == "auto" and not problem.model.convex)
-        return curv.ggn_vp if use_ggn else curv.hvp
+def _prepare(cfg: NewtonConfig, problem: Problem, trained: Fit) -> NewtonState:
+    solver, damping = cfg.resolved(problem)
+    if not problem.model.convex:
+        if solver != "cg":
+            check_convex(problem, f"newton(solver={solver!r})")
+        if damping <= 0:
+            raise ValueError(
+                f"newton on the non-convex model {problem.model.name!r} needs damping > 0 "
+                "(e.g. damping=1e-3): the curvature is only positive semi-definite.")
+    dtype = problem.cfg.dtype
+    # Curvature and steps act on the trainable params in eval mode; BatchNorm statistics
+    # stay frozen (and are returned unchanged).
+    params, mstate = engine.split_variables(cast(trained.params, dtype))
+    x = cast(jnp.asarray(problem.train.x), dtype)
+    y = jnp.asarray(problem.train.y)
+    w = np.ones(len(problem.train), np.float32)
+    curv = inverse.Curvature(models.frozen_apply(problem.model, mstate), params, x, y,
+                             problem.cfg.l2, jnp.asarray(w, x.dtype), cfg.kind(problem))
+    factor = None
+    if solver == "exact":
+        factor = removal.newton_factor(curv._replace(kind="hessian"), damping)
+    elif solver == "cg" and cfg.precond == "nystrom":
+        p = jax.flatten_util.ravel_pytree(params)[0].size
+        factor = removal.nystrom_cache(curv, damping, rank=min(cfg.rank, p - 1),
+                                       key=jax.random.fold_in(problem.key, 7))
+    return NewtonState(problem, params, w, x, y, params, w, factor, mstate)
 
-    def prepare(problem: Problem, trained: Fit) -> NewtonState:
-        solver, damping = resolved(problem)
-        if not problem.model.convex:
-            if solver != "cg":
-                check_convex(problem, f"newton(solver={solver!r})")
-            if damping <= 0:
-                raise ValueError(
-                    f"newton on the non-convex model {problem.model.name!r} needs damping > 0 "
-                    "(e.g. damping=1e-3): the curvature is only positive semi-definite.")
-        dtype = problem.cfg.dtype
-        # Curvature and steps act on the trainable params in eval mode; BatchNorm statistics
-        # stay frozen (and are returned unchanged).
-        params, mstate = engine.split_variables(cast(trained.params, dtype))
-        apply = models.frozen_apply(problem.model, mstate)
-        x = cast(jnp.asarray(problem.train.x), dtype)
-        y = jnp.asarray(problem.train.y)
-        w = np.ones(len(problem.train), np.float32)
-        factor = None
-        wj = jnp.asarray(w, x.dtype)
-        if solver == "exact":
-            factor = influence.newton_factor(apply, params, x, y, wj,
-                                             problem.cfg.l2, damping)
-        elif solver == "cg" and precond == "nystrom":
-            p = jax.flatten_util.ravel_pytree(params)[0].size
-            factor = influence.nystrom_cache(
-                apply, params, x, y, wj, problem.cfg.l2, damping,
-                rank=min(rank, p - 1), key=jax.random.fold_in(problem.key, 7),
-                curvature_fn=curvature_fn(problem))
-        return NewtonState(problem, params, w, x, y, params, w, factor, mstate)
 
-    def forget(state: NewtonState, forget_ids, key):
-        pos, w = next_weights(state, forget_ids)
-        p = state.problem
-        solver, damping = resolved(p)
-        apply = models.frozen_apply(p.model, state.model_state or {})
-        l2 = p.cfg.l2
-        wj = jnp.asarray(w, state.x.dtype)
-        common = dict(damping=damping, tol=tol, maxiter=maxiter, lissa_depth=lissa_depth,
-                      lissa_scale=lissa_scale, key=key)
-        # Everything removed since the anchor, padded with zero-weight rows to a power of two
-        # so that requests of different sizes reuse a few compiled programs.
-        removed = np.nonzero((state.anchor_weights > 0) & (w == 0))[0]
-        rows = np.zeros(bucket(len(removed)), np.int64)
-        rows[: len(removed)] = removed
-        removed_w = np.zeros(len(rows))
-        removed_w[: len(removed)] = state.anchor_weights[removed]
-        removed_x, removed_w = state.x[rows], jnp.asarray(removed_w, state.x.dtype)
-        grad = None
-        if state.factor is not None and state.params is state.anchor:
-            # At θ*: the cached Σ_D ∇ℓ_i minus the removed points' gradients (exact, O(kp)).
-            grad = influence.downdated_gradient(
-                apply, state.anchor, state.factor.grad_sum, removed_x, state.y[rows], removed_w,
-                jnp.asarray(w.sum(), state.x.dtype), jnp.asarray(l2, state.x.dtype))
-        nystrom = isinstance(state.factor, influence.NystromCache)
-        cg_opts = {}
-        if solver == "cg":
-            cg_opts["curvature_fn"] = curvature_fn(p)
-        convex = p.model.convex
-        lam = damping
-        accepted = True
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for attempt in range(1 if convex else max_retries + 1):
-                common["damping"] = lam
-                retries = attempt
-                if nystrom:
-                    cg_opts["precond"] = state.factor._replace(damping=lam).preconditioner()
-                params, res = influence.newton_step(
-                    apply, state.params, state.x, state.y, wj, l2, solver=solver,
-                    factor=None if nystrom else state.factor, removed_x=removed_x,
-                    removed_w=removed_w, anchor=state.anchor, grad=grad, **common, **cg_opts)
-                results = [res]
-                if steps == 2:
-                    params, res2 = influence.newton_step(
-                        apply, params, state.x, state.y, wj, l2,
-                        solver=solver, **common, **cg_opts)
-                    results.append(res2)
-                if convex:
-                    break
-                # Trust rule (non-convex): accept only a step that lowers the retained loss.
-                before = float(objective(apply, state.params, state.x, state.y, wj, l2))
-                after = float(objective(apply, params, state.x, state.y, wj, l2))
-                accepted = bool(np.isfinite(after) and after <= before)
-                if accepted:
-                    break
-                lam = 10.0 * lam
-            if not accepted:
-                params = state.params
-        converged = all(bool(r.converged) for r in results)
-        for c in caught:
-            warnings.warn(c.message, c.category, stacklevel=2)
-        if not converged and not caught:
-            warnings.warn(f"newton({solver}): the linear solve did not converge "
-                          f"(relative residual {max(float(r.residual) for r in results):.2e})",
-                          RuntimeWarning, stacklevel=2)
-        stats = {
-            "solver": solver,
-            "steps": steps,
-            "k": int(len(pos)),
-            "iterations": int(sum(int(r.iterations) for r in results)),
-            "residual": float(max(float(r.residual) for r in results)),
-            "converged": converged,
-            "method": results[0].method,
-            "preconditioned": nystrom,
-            "damping": lam,
-            "accepted": accepted,
-            "retries": retries,
-        }
-        if report_residual:
-            g = influence.retained_gradient(apply, params, state.x, state.y, wj, l2)
-            stats["grad_norm"] = float(jnp.linalg.norm(g))
-        full = engine.merge_variables(params, state.model_state or {})
-        return params_result(p, full, stats), state._replace(params=params, weights=w)
+def _removed_since_anchor(state: NewtonState, w: np.ndarray) -> tuple[np.ndarray, jax.Array]:
+    """Rows removed since the anchor, padded with zero-weight rows to a power of two so that
+    requests of different sizes reuse a few compiled programs; and their weights."""
+    removed = np.nonzero((state.anchor_weights > 0) & (w == 0))[0]
+    rows = np.zeros(bucket(len(removed)), np.int64)
+    rows[: len(removed)] = removed
+    removed_w = np.zeros(len(rows))
+    removed_w[: len(removed)] = state.anchor_weights[removed]
+    return rows, jnp.asarray(removed_w, state.x.dtype)
 
-    return Unlearner("newton", prepare, forget)
+
+def _backend(cfg: NewtonConfig, state: NewtonState, solver: str, damping: float, key):
+    """The inverse-curvature backend of one (non-Woodbury) step at this damping."""
+    if solver == "lissa":
+        return inverse.LiSSA(depth=cfg.lissa_depth, key=key, scale=cfg.lissa_scale)
+    if solver == "exact":
+        return inverse.Exact(tol=cfg.tol)
+    precond = None
+    if isinstance(state.factor, removal.NystromCache):
+        precond = state.factor._replace(damping=damping).preconditioner()
+    return inverse.CG(tol=cfg.tol, maxiter=cfg.maxiter, precond=precond)
+
+
+def _steps(cfg: NewtonConfig, state: NewtonState, curv: inverse.Curvature, solver: str,
+           damping: float, key, grad, downdate):
+    """``cfg.steps`` Newton steps from ``state.params``; returns (params, solutions)."""
+    backend = _backend(cfg, state, solver, damping, key)
+    params, res = removal.newton_step(curv, backend, damping=damping, grad=grad,
+                                      downdate=downdate)
+    results = [res]
+    if cfg.steps == 2:
+        params, res2 = removal.newton_step(curv._replace(params=params), backend,
+                                           damping=damping)
+        results.append(res2)
+    return params, results
+
+
+def _with_trust_rule(cfg: NewtonConfig, state: NewtonState, curv: inverse.Curvature,
+                     solver: str, damping: float, key, grad, downdate):
+    """Convex: one attempt. Non-convex: accept only a step that lowers the retained
+    objective, raising the damping ×10 up to ``max_retries`` times (Levenberg–Marquardt)."""
+    convex = state.problem.model.convex
+    lam, accepted, params, results, retries = damping, True, state.params, [], 0
+    for attempt in range(1 if convex else cfg.max_retries + 1):
+        retries = attempt
+        params, results = _steps(cfg, state, curv, solver, lam, key, grad, downdate)
+        if convex:
+            break
+        before = float(objective(curv.apply, state.params, curv.x, curv.y, curv.w, curv.l2))
+        after = float(objective(curv.apply, params, curv.x, curv.y, curv.w, curv.l2))
+        accepted = bool(np.isfinite(after) and after <= before)
+        if accepted:
+            break
+        lam = 10.0 * lam
+    if not accepted:
+        params = state.params
+    return params, results, {"damping": lam, "accepted": accepted, "retries": retries}
+
+
+def _forget(cfg: NewtonConfig, state: NewtonState, forget_ids, key):
+    pos, w = next_weights(state, forget_ids)
+    p = state.problem
+    solver, damping = cfg.resolved(p)
+    apply = models.frozen_apply(p.model, state.model_state or {})
+    l2 = p.cfg.l2
+    wj = jnp.asarray(w, state.x.dtype)
+    curv = inverse.Curvature(apply, state.params, state.x, state.y, l2, wj, cfg.kind(p))
+    rows, removed_w = _removed_since_anchor(state, w)
+    removed_x = state.x[rows]
+    grad = downdate = None
+    if state.factor is not None and state.params is state.anchor:
+        # At θ*: the cached Σ_D ∇ℓ_i minus the removed points' gradients (exact, O(kp)).
+        grad = removal.downdated_gradient(
+            apply, state.anchor, state.factor.grad_sum, removed_x, state.y[rows], removed_w,
+            jnp.asarray(w.sum(), state.x.dtype), jnp.asarray(l2, state.x.dtype))
+    if isinstance(state.factor, removal.NewtonFactor):
+        downdate = removal.Downdate(state.factor, state.anchor, removed_x, removed_w,
+                                    state.y[rows])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        params, results, trust = _with_trust_rule(cfg, state, curv, solver, damping, key,
+                                                  grad, downdate)
+    converged = all(bool(r.converged) for r in results)
+    for c in caught:
+        warnings.warn(c.message, c.category, stacklevel=2)
+    if not converged and not caught:
+        warnings.warn(f"newton({solver}): the linear solve did not converge "
+                      f"(relative residual {max(float(r.residual) for r in results):.2e})",
+                      RuntimeWarning, stacklevel=2)
+    stats = {"solver": solver, "steps": cfg.steps, "k": int(len(pos)),
+             "iterations": int(sum(int(r.iterations) for r in results)),
+             "residual": float(max(float(r.residual) for r in results)),
+             "converged": converged, "method": results[0].method,
+             "preconditioned": isinstance(state.factor, removal.NystromCache), **trust}
+    if cfg.report_residual:
+        g = removal.retained_gradient(apply, params, state.x, state.y, wj, l2)
+        stats["grad_norm"] = float(jnp.linalg.norm(g))
+    full = engine.merge_variables(params, state.model_state or {})
+    return params_result(p, full, stats), state._replace(params=params, weights=w)

@@ -12,7 +12,7 @@ at the training optimiser and learning rate.
 
 from __future__ import annotations
 
-from unlearn.methods._loops import loop_unlearner, mean_ce
+from unlearn.methods.loops import loop_unlearner, mean_ce
 from unlearn.methods.base import Unlearner
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from unlearn.methods._loops import Batch, Phase, loop_unlearner, mean_ce
+from unlearn.methods.loops import Batch, Phase, loop_unlearner, mean_ce
 from unlearn.methods.base import Unlearner
 
 

@@ -117,11 +117,6 @@ def variables(members: engine.Members) -> Params:
     return engine.unstack(members.variables(), 0)
 
 
-def params_leaf(params: Params) -> jax.Array:
-    """The first leaf of a params pytree (for its dtype)."""
-    return jax.tree.leaves(params)[0]
-
-
 def random_labels(y: np.ndarray, rows: np.ndarray, num_classes: int, key: jax.Array
                   ) -> np.ndarray:
     """Labels with each row in ``rows`` replaced by a uniformly random *different* class."""
