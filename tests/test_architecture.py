@@ -5,7 +5,7 @@ Every module of ``unlearn`` belongs to one layer; ``experiments`` and ``benchmar
     0 data, models, objective, task, augment, results, plotting    (import nothing of unlearn above)
     1 engine, train
     2 curvature, solvers, kfac
-    3 influence, certified, sisa.*
+    3 inverse, removal, influence, certified, sisa.*
     4 methods.*
     5 metrics, mia, evaluate
     6 runner
@@ -51,8 +51,11 @@ LAYERS: dict[str, int] = {
     "unlearn.train": 1,
     "unlearn.curvature": 2,
     "unlearn.solvers": 2,
+    "unlearn.solvers.": 2,
     "unlearn.kfac": 2,
     "unlearn.influence": 3,
+    "unlearn.inverse": 3,
+    "unlearn.removal": 3,
     "unlearn.certified": 3,
     "unlearn.sisa.": 3,
     "unlearn.methods.": 4,

@@ -16,6 +16,8 @@ import pytest
 
 from unlearn import curvature as C
 from unlearn import solvers as S
+from unlearn.solvers import residual_replacement
+from unlearn.solvers.randomized_nystrom import _nystrom_core
 
 
 @pytest.fixture(autouse=True)
@@ -140,7 +142,7 @@ def test_cg_not_converged_flags_and_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = jax.jit(lambda b: S.cg(h, b, maxiter=2))(b)  # no warning under jit
-    assert isinstance(out, S.SolveResult) and out.method == "cg" and not bool(out.converged)
+    assert isinstance(out, S.Solution) and out.method == "cg" and not bool(out.converged)
 
 
 def test_not_positive_definite_raises_and_damping_warns():
@@ -287,6 +289,20 @@ def test_float32_cg_reaches_the_true_residual(block):
         assert np.all(true <= 1.2e-5), (seed, true)
 
 
+def test_restarts_patched_where_it_is_read(monkeypatch):
+    """Seed 8 of the test above with the residual replacement switched off through the module
+    that reads RESTARTS: the recursion alone stops one row above tol (true residual 1.04e-5),
+    so the constant is read there. The operator is a fresh callable, so the loop is traced
+    with the patched value (jit caches by the operator's function)."""
+    monkeypatch.setattr(residual_replacement, "RESTARTS", 0)
+    rng = np.random.default_rng(8)
+    q, _ = np.linalg.qr(rng.normal(size=(300, 300)))
+    a = jnp.asarray(((q * np.logspace(0, 2, 300)) @ q.T).astype(np.float32))
+    b = jnp.asarray(rng.normal(size=(4, 300)).astype(np.float32))
+    sol = S.cg(lambda v: a @ v, b, tol=1e-5, warn=False)
+    assert not bool(jnp.all(sol.converged)), np.asarray(sol.residual)
+
+
 def test_block_cg_finite_termination_on_low_rank_update():
     """Theory: for A = I + U S U^T of rank r, x_j = b_j - U c_j, and the block Krylov space of
     m generic right-hand sides contains range(U) after ceil(r / m) products, so block CG ends
@@ -351,7 +367,7 @@ def test_nystrom_memory_does_not_grow_with_p_squared(x64):
     d = jnp.linspace(1.0, 2.0, p)
     op = jax.tree_util.Partial(lambda dd, v: dd * v, d)
     omega = jax.ShapeDtypeStruct((p, r), jnp.float64)
-    mem = S._nystrom_core.lower(op, omega).compile().memory_analysis()
+    mem = _nystrom_core.lower(op, omega).compile().memory_analysis()
     assert mem.temp_size_in_bytes < 100 * p * r * 8, mem.temp_size_in_bytes
 
 
