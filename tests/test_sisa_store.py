@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from unlearn import data, models, sisa, train
-from unlearn.sisa import store
+from unlearn.sisa import ledger, store
 
 ROOT = Path(__file__).resolve().parent.parent
 # float32, same machine: a forget and a from-scratch training in programs with different
@@ -204,7 +204,7 @@ def test_verify_float32_exact_after_five_chained_requests(model_dir, monkeypatch
     d = store.open_dir(model_dir)
     units = d.manifest["units"]
     units[2][0], units[2][1] = units[2][1], units[2][0]
-    man = store._manifest_path(model_dir, 5)
+    man = ledger._manifest_path(model_dir, 5)
     man.write_text(json.dumps({**json.loads(man.read_text()), "units": units}))
     with pytest.raises(sisa.ModelDirError, match="does not match the digest"):
         sisa.verify(model_dir)  # the manifest no longer matches its ledger entry

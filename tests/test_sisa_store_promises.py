@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from unlearn import data, models, sisa, train
-from unlearn.sisa import store
+from unlearn.sisa import ledger, store
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `tests.byo_factory` is importable as from the repository root
@@ -190,7 +190,7 @@ def test_write_lock_follows_a_lock_file_removed_by_a_refused_train(tmp_path):
         time.sleep(0.3)
         (tmp_path / "LOCK").unlink()
     assert got.wait(10)
-    fd = store._try_write_lock(tmp_path)
+    fd = ledger._try_write_lock(tmp_path)
     try:
         assert fd is None  # the second writer holds the lock on the file at LOCK
     finally:

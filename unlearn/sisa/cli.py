@@ -12,6 +12,10 @@ import json
 import os
 import sys
 
+import jax
+
+from unlearn import models as models_lib
+from unlearn.data import _cache_dir
 from unlearn.sisa.store import (
     LOCK_TIMEOUT,
     ModelDirError,
@@ -26,10 +30,6 @@ from unlearn.sisa.store import (
 def _compile_cache() -> None:
     """Keep compiled programs between CLI runs (``$UNLEARN_JAX_CACHE``, default under the
     system temp dir): a second ``forget`` does not recompile the training step."""
-    import jax
-
-    from unlearn.data import _cache_dir
-
     path = os.environ.get("UNLEARN_JAX_CACHE") or str(_cache_dir() / "jax")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
@@ -37,8 +37,21 @@ def _compile_cache() -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     """``python -m unlearn.sisa {train,forget,predict,verify,status} MODEL_DIR ...``"""
-    from unlearn import models as models_lib
+    a = _parser().parse_args(argv)
+    try:
+        if a.cmd in ("train", "forget", "verify", "predict"):
+            _compile_cache()
+        out = _run(a)
+    except (ModelDirError, KeyError, ValueError, TypeError, FileExistsError, FileNotFoundError,
+            FloatingPointError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=1, default=str, ensure_ascii=False))
+    return 0 if out.get("ok", True) else 1
 
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m unlearn.sisa",
                                  description="A persistent SISA model (Bourtoule et al. 2021).")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -77,40 +90,37 @@ def cli(argv: list[str] | None = None) -> int:
     for q in (t, f):
         q.add_argument("--lock-timeout", type=float, default=LOCK_TIMEOUT,
                        help="seconds to wait for another writer (default %(default)s)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def _run(a: argparse.Namespace) -> dict:
+    """The command's JSON result."""
+    if a.cmd == "train":
+        st = create(a.dir, data=a.data, model=a.model, shards=a.shards, slices=a.slices,
+                    assignment=a.assignment, overlap=a.overlap, epochs=a.epochs, lr=a.lr,
+                    batch_size=a.batch_size, seed=a.seed, test_fraction=a.test_fraction,
+                    model_kwargs=_model_kwargs(a), lock_timeout=a.lock_timeout)
+        return {"trained": a.dir, "examples": len(st.data),
+                "shard_sizes": st.shard_sizes().tolist()}
+    if a.cmd == "forget":
+        return forget_persistent(a.dir, a.ids, lock_timeout=a.lock_timeout)
+    if a.cmd == "predict":
+        return evaluate(a.dir, a.how)
+    if a.cmd == "verify":
+        return verify(a.dir)
+    return status(a.dir)
+
+
+def _model_kwargs(a: argparse.Namespace) -> dict:
+    """``--model-kwargs`` parsed (a JSON object), or the default of ``--model``."""
+    if a.model_kwargs is None:
+        return {"features": (16, 32), "dense": 64} if a.model == "cnn" else {}
     try:
-        if a.cmd in ("train", "forget", "verify", "predict"):
-            _compile_cache()
-        if a.cmd == "train":
-            if a.model_kwargs is not None:
-                try:
-                    kw = json.loads(a.model_kwargs)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"--model-kwargs {a.model_kwargs!r} is not JSON ({e}); pass "
-                                     "a JSON object such as '{\"hidden\": [32]}'.") from e
-                if not isinstance(kw, dict):
-                    raise ValueError(f"--model-kwargs {a.model_kwargs!r} must be a JSON object "
-                                     "such as '{\"hidden\": [32]}'.")
-            else:
-                kw = {"features": (16, 32), "dense": 64} if a.model == "cnn" else {}
-            st = create(a.dir, data=a.data, model=a.model, shards=a.shards, slices=a.slices,
-                        assignment=a.assignment, overlap=a.overlap, epochs=a.epochs, lr=a.lr,
-                        batch_size=a.batch_size, seed=a.seed, test_fraction=a.test_fraction,
-                        model_kwargs=kw, lock_timeout=a.lock_timeout)
-            out = {"trained": a.dir, "examples": len(st.data),
-                   "shard_sizes": st.shard_sizes().tolist()}
-        elif a.cmd == "forget":
-            out = forget_persistent(a.dir, a.ids, lock_timeout=a.lock_timeout)
-        elif a.cmd == "predict":
-            out = evaluate(a.dir, a.how)
-        elif a.cmd == "verify":
-            out = verify(a.dir)
-        else:
-            out = status(a.dir)
-    except (ModelDirError, KeyError, ValueError, TypeError, FileExistsError, FileNotFoundError,
-            FloatingPointError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    print(json.dumps(out, indent=1, default=str, ensure_ascii=False))
-    return 0 if out.get("ok", True) else 1
+        kw = json.loads(a.model_kwargs)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model-kwargs {a.model_kwargs!r} is not JSON ({e}); pass "
+                         "a JSON object such as '{\"hidden\": [32]}'.") from e
+    if not isinstance(kw, dict):
+        raise ValueError(f"--model-kwargs {a.model_kwargs!r} must be a JSON object "
+                         "such as '{\"hidden\": [32]}'.")
+    return kw
