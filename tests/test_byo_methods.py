@@ -145,3 +145,23 @@ def test_newton_on_the_convex_user_tasks_tracks_retraining(x64):
         # squared error on a linear model: the objective is quadratic, one step is exact
         bound = 1e-8 * before if kind == "regression" else 0.05 * before
         assert after <= bound, (kind, before, after)
+
+
+def test_evaluate_reports_losses_for_a_regression_task(settings):
+    """``evaluate`` on a squared-error task: mean task losses (checked against numpy) and the
+    output distance to the retrained model instead of accuracies; retrain's gap is 0."""
+    from unlearn.evaluate import evaluate
+
+    problem, trained = settings["regression"]
+    split = data.Split(train=problem.train, test=problem.train.subset(np.arange(20)))
+    ids = problem.train.ids[:6]
+    out = evaluate(problem, split, ids, ["finetune"], jax.random.key(0), trained=trained,
+                   warmup=False, hparams=None)
+    rows = out["rows"]
+    assert rows["retrain"]["avg_gap"] == 0.0 and np.isfinite(rows["finetune"]["avg_gap"])
+    oracle = train.retrain(problem, ids)
+    fx, fy = problem.train.x[:6], problem.train.y[:6]
+    ref = 0.5 * np.mean(np.sum((np.asarray(problem.model.apply(oracle.params, fx)) - fy) ** 2,
+                               axis=1))
+    np.testing.assert_allclose(rows["retrain"]["forget_loss"], ref, rtol=1e-5)
+    assert rows["retrain"]["out_dist_forget"] == 0.0 and rows["finetune"]["out_dist_forget"] > 0

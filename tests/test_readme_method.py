@@ -29,7 +29,7 @@ def test_readme_method_runs_and_forgets():
     exec(compile(blocks[1], "README:register", "exec"), ns)
     try:
         tr = data.load("digits").train.subset(np.arange(200))
-        cfg = train.TrainConfig(epochs=4, batch_size=64, lr=3e-3)
+        cfg = train.TrainConfig(epochs=30, batch_size=64, lr=1e-2)
         problem = train.Problem(models.mlp(10, (32,)), tr, cfg, jax.random.key(0))
         trained = train.train(problem)
         m = methods.get("my_method", weight=2.0, epochs=4)
@@ -47,7 +47,8 @@ def test_readme_method_runs_and_forgets():
             return float(np.mean(-(p * np.log(p + 1e-12)).sum(1)))
 
         before = entropy(np.asarray(problem.model.apply(trained.params, fx)))
-        assert entropy(out) > before + 0.3  # pulled towards uniform (max entropy ln 10)
+        assert before < 0.5  # a trained model: confident on its training class
+        assert entropy(out) > before + 0.5  # pulled towards uniform (max entropy ln 10)
         with pytest.raises(ValueError, match="already forgotten"):
             m.forget(state2, ids[:1], jax.random.key(2))
     finally:

@@ -73,6 +73,14 @@ def method_metrics(result: Result, oracle: Result, problem: Problem, split: Spli
     tr = problem.train
     forget = tr.subset(tr.positions(forget_ids))
     retain = tr.without(forget_ids)
+    loss = getattr(problem.model.apply, "loss", None)
+    if loss is not None and not loss.classes:  # e.g. regression: losses, output distance
+        out = metrics.task_losses(result.logits, loss, retain, forget, split.test)
+        out.update(metrics.output_distance(result.logits, oracle.logits, forget, split.test))
+        if result.params is not None and oracle.params is not None:
+            out["rel_distance"] = metrics.relative_distance(result.params, oracle.params,
+                                                            trained.params)
+        return out
     out = metrics.split_accuracies(result.logits, retain, forget, split.test)
     out.update(metrics.ua_ra_ta(result.logits, retain, forget, split.test))
     from unlearn import mia
@@ -87,7 +95,9 @@ def method_metrics(result: Result, oracle: Result, problem: Problem, split: Spli
 
 def avg_gap(row: dict, oracle_row: dict, keys: Sequence[str] = GAP_KEYS) -> float:
     """Avg. Gap (Jia et al. 2023): mean |metric − oracle metric| over UA, RA, TA and
-    MIA-efficacy (percentage points); NaN if a row lacks one or it is not finite."""
+    MIA-efficacy (percentage points; for a task that is not a classifier, over the mean task
+    losses on the forget, retain and test sets); NaN if a row lacks one or it is not
+    finite."""
     try:
         return metrics.avg_gap(row, oracle_row, keys)
     except ValueError:
@@ -252,9 +262,11 @@ def evaluate(
                     "stats": {k: v for k, v in res.stats.items()
                               if isinstance(v, int | float | bool | str)}})
         rows[name] = row
+    loss = getattr(problem.model.apply, "loss", None)
+    keys = GAP_KEYS if loss is None or loss.classes else metrics.REGRESSION_GAP_METRICS
     for row in rows.values():
         if "failed" not in row:
-            row["avg_gap"] = avg_gap(row, rows["retrain"])
+            row["avg_gap"] = avg_gap(row, rows["retrain"], keys)
     return {"rows": rows, "train_time": t_train, "retrain_time": t_retrain}
 
 

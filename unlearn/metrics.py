@@ -125,6 +125,28 @@ def avg_gap(row: dict, retrain_row: dict, keys=GAP_METRICS) -> float:
     return float(np.mean(d))
 
 
+REGRESSION_GAP_METRICS = ("forget_loss", "retain_loss", "test_loss")
+
+
+def task_losses(logits_fn: Callable, loss: Callable, retain: Dataset, forget: Dataset,
+                test: Dataset) -> dict[str, float]:
+    """Mean per-example task ``loss(outputs, y)`` on the retained, forgotten and test
+    examples: the counterpart of UA/RA/TA for a task that is not a classifier (e.g. squared
+    error), where accuracy is undefined."""
+    return {f"{name}_loss": float(np.mean(np.asarray(loss(
+        jnp.asarray(predict_logits(logits_fn, d.x)), jnp.asarray(d.y)))))
+        for name, d in (("retain", retain), ("forget", forget), ("test", test))}
+
+
+def output_distance(logits_fn: Callable, oracle_fn: Callable, forget: Dataset,
+                    test: Dataset) -> dict[str, float]:
+    """Root-mean-square distance of the outputs to the retrained model's on the forget and
+    test sets (the counterpart of the KL for non-classifiers)."""
+    return {f"out_dist_{name}": float(np.sqrt(np.mean(
+        (predict_logits(logits_fn, d.x) - predict_logits(oracle_fn, d.x)) ** 2)))
+        for name, d in (("forget", forget), ("test", test))}
+
+
 def margins(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Margin z_y − logsumexp_{k≠y} z_k per example (Rinberg et al. 2024, KLOM's statistic),
     any leading axes (e.g. (models, n, K) → (models, n)), float64."""
