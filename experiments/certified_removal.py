@@ -34,7 +34,8 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
-from unlearn import certified, data, metrics, models, plotting, runner, train
+from experiments import plotting, runner
+from unlearn import certified, data, metrics, models, train
 
 NAME = "certified_removal"
 _MNIST38 = dict(dataset="mnist5k", classes=(3, 8), model="binary_logreg", l2=1e-3, sigma=10.0,

@@ -28,7 +28,8 @@ import sys
 
 import jax
 
-from unlearn import data, methods, models, plotting, runner, train
+from experiments import plotting, runner
+from unlearn import data, methods, models, train
 from unlearn.evaluate import evaluate, mean_std_over_seeds, mia_extra
 
 NAME = "cifar_unlearning"

@@ -35,7 +35,8 @@ import time
 
 import jax
 
-from unlearn import data, methods, models, plotting, runner
+from experiments import plotting, runner
+from unlearn import data, methods, models
 from unlearn import evaluate as ev
 from unlearn import mia as mia_lib
 from unlearn.train import Problem, TrainConfig, train

@@ -15,7 +15,8 @@ import sys
 import jax
 import numpy as np
 
-from unlearn import data, plotting, runner
+from experiments import plotting, runner
+from unlearn import data
 from unlearn.evaluate import default_problem, evaluate
 
 NAME = "forget_basic"

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unlearn import data, influence, inverse, models, plotting, runner, train
+from experiments import plotting, runner
+from unlearn import data, influence, inverse, models, train
 
 NAME = "influence_loo"
 _MNIST17 = dict(dataset="mnist5k", model="binary_logreg", l2=1e-2, test_points=2, top=50,

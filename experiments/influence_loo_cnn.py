@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unlearn import data, influence, inverse, models, plotting, runner, train
+from experiments import plotting, runner
+from unlearn import data, influence, inverse, models, train
 from unlearn.objective import cross_entropy
 
 NAME = "influence_loo_cnn"

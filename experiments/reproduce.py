@@ -4,7 +4,7 @@ Command: ``python -m experiments.reproduce`` — runs every experiment at its de
 a fresh run directory ``runs/reproduce-<UTC time>/`` (JSON in ``data/``, figures beside), then
 prints a reproduction report: each headline number (``HEADLINES`` of each experiment) against
 the reference JSON in ``paper_figures/data/``, with its tolerance kind
-(``unlearn.runner.TOLERANCES``), and "N of M reproduced". Exit status 1 if any number falls
+(``experiments.runner.TOLERANCES``), and "N of M reproduced". Exit status 1 if any number falls
 outside its tolerance or a reference is missing.
 
 Options: ``--update-reference`` (after the run, copy its JSON into ``paper_figures/data/`` and
@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from unlearn import results, runner
+from experiments import runner
+from unlearn import results
 
 EXPERIMENTS = ["forget_basic", "influence_loo", "influence_loo_cnn", "certified_removal",
                "sisa_tradeoff", "scaling", "compare_methods"]

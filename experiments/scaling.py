@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from unlearn import plotting, runner
+from experiments import plotting, runner
 
 NAME = "scaling"
 # What ran where is exact; wall times only within a factor of 5 (shared machine), and only at

@@ -25,7 +25,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from unlearn import data, models, plotting, runner, sisa, train
+from experiments import plotting, runner
+from unlearn import data, models, sisa, train
 
 NAME = "sisa_tradeoff"
 CONFIGS = {

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import compare_methods
-from unlearn import data, methods, models, runner, train
+from experiments import compare_methods, runner
+from unlearn import data, methods, models, train
 from unlearn.methods import loops
 from unlearn.methods.base import Unlearner, next_weights, params_result, prepare_params
 from unlearn.methods.salun import saliency_mask

@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from experiments import cifar_unlearning
-from unlearn import runner
+from experiments import cifar_unlearning, runner
 
 
 @pytest.mark.slow  # ~35 s CPU (ResNet-18 compiles for training and two methods)

@@ -10,8 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import certified_removal, forget_basic, influence_loo, reproduce
-from unlearn import runner
+from experiments import certified_removal, forget_basic, influence_loo, reproduce, runner
 
 ROOT = Path(__file__).resolve().parent.parent
 

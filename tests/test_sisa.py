@@ -172,8 +172,7 @@ def test_registered_method_matches_library(setting):
 
 
 def test_tradeoff_experiment_smoke(tmp_path):
-    from experiments import sisa_tradeoff
-    from unlearn import runner
+    from experiments import runner, sisa_tradeoff
 
     p = runner.run_experiment(sisa_tradeoff, config="smoke", out=tmp_path)
     res = json.loads(p.read_text())["results"]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from unlearn.methods.loops import loop_unlearner, mean_ce
 from unlearn.methods.base import Unlearner
+from unlearn.methods.loops import loop_unlearner, mean_ce
 
 
 def _l1_loss(apply, params, aux, progress, retain, forget):

@@ -16,8 +16,8 @@
 
 from __future__ import annotations
 
-from unlearn.methods.loops import loop_unlearner, mean_ce
 from unlearn.methods.base import Unlearner
+from unlearn.methods.loops import loop_unlearner, mean_ce
 
 
 def _ascent_loss(apply, params, aux, progress, retain, forget):

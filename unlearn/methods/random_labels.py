@@ -12,8 +12,8 @@ at the training optimiser and learning rate.
 
 from __future__ import annotations
 
-from unlearn.methods.loops import loop_unlearner, mean_ce
 from unlearn.methods.base import Unlearner
+from unlearn.methods.loops import loop_unlearner, mean_ce
 
 
 def relabel_loss(apply, params, aux, progress, retain, forget):

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from unlearn import engine
-from unlearn.methods.loops import loop_unlearner
 from unlearn.methods.base import Unlearner
+from unlearn.methods.loops import loop_unlearner
 from unlearn.methods.random_labels import relabel_loss
 from unlearn.train import Problem, objective
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from unlearn.methods.loops import Batch, Phase, loop_unlearner, mean_ce
 from unlearn.methods.base import Unlearner
+from unlearn.methods.loops import Batch, Phase, loop_unlearner, mean_ce
 
 
 def distill_kl(apply, params, teacher, b: Batch, temperature) -> jax.Array:
