@@ -165,3 +165,27 @@ def test_evaluate_reports_losses_for_a_regression_task(settings):
                                axis=1))
     np.testing.assert_allclose(rows["retrain"]["forget_loss"], ref, rtol=1e-5)
     assert rows["retrain"]["out_dist_forget"] == 0.0 and rows["finetune"]["out_dist_forget"] > 0
+
+
+def test_membership_scores_take_a_user_task(settings):
+    """The NeurIPS 2023 forgetting score and KLOM train their ensembles through the engine for
+    any task: on the user linen classifier, retraining beats doing nothing on the score; a
+    regression task is refused by name (the scores read class probabilities)."""
+    from unlearn import mia
+    from unlearn.evaluate import do_nothing
+
+    problem, _ = settings["linen"]
+    split = data.Split(train=problem.train, test=data.load("digits").test.subset(np.arange(60)))
+    ids = problem.train.ids[:12]
+    kw = dict(n_models=8, key=jax.random.key(5))
+    s_r = mia.forgetting_score(problem, split, ids, methods.get("retrain"), **kw)
+    s_n = mia.forgetting_score(problem, split, ids, do_nothing(), **kw)
+    assert s_r["score"] > s_n["score"], (s_r["score"], s_n["score"])
+    # KLOM's ensembles run for the user task too (its ordering needs an overfit model and
+    # more members: tests/test_mia.py); per-example values are defined and finite here
+    k_r = mia.klom_score(problem, split, ids, methods.get("retrain"), **kw)
+    assert k_r["klom_forget_undefined"] == 0 and np.isfinite(k_r["klom_forget"]).all()
+    reg, _ = settings["regression"]
+    with pytest.raises(ValueError, match="class probabilities.*squared_error"):
+        mia.forgetting_score(reg, data.Split(reg.train, reg.train), reg.train.ids[:3],
+                             methods.get("retrain"), **kw)

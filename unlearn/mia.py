@@ -517,6 +517,20 @@ def unlearned_outputs(problem: Problem, method: Unlearner, trained: Fit, forget_
     return _stacked_logits(problem.model.apply, results, xs)
 
 
+def check_classifier(problem: Problem, what: str) -> None:
+    """Membership attacks and the scores here read class probabilities, confidences and
+    margins: refuse, naming the task's loss, a task that is not a classifier."""
+    loss = getattr(problem.model.apply, "loss", None)
+    if getattr(problem.train, "targets", "classes") != "classes" or (
+            loss is not None and not loss.classes):
+        raise ValueError(
+            f"{what} is defined on class probabilities (confidences, margins, softmax "
+            f"features); task {problem.model.name!r} has loss "
+            f"{getattr(loss, 'name', '?')!r} and targets "
+            f"{getattr(problem.train, 'targets', 'classes')!r}. Use unlearn.evaluate's "
+            "task losses and output distance for this task.")
+
+
 def forgetting_score(problem: Problem, split: Split, forget_ids, method: Unlearner, *,
                      n_models: int = 512, key: jax.Array, trained: Fit | None = None,
                      retrained_logits: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
@@ -535,6 +549,7 @@ def forgetting_score(problem: Problem, split: Split, forget_ids, method: Unlearn
     protocol needs N *different* originals (:func:`klom_score`), and N runs from one original
     make a deterministic method look perfect to it.
     """
+    check_classifier(problem, "the NeurIPS 2023 forgetting score")
     from unlearn.train import train as train_full
 
     tr = problem.train
@@ -600,6 +615,7 @@ def klom_score(problem: Problem, split: Split, forget_ids, method: Unlearner, *,
     (N, ·, K), as returned under ``"oracle_logits"``) let several methods share both
     ensembles; they must come from the same ``key`` and ``n_models``.
     """
+    check_classifier(problem, "KLOM")
     from unlearn.metrics import klom, klom_summary, margins
 
     if n_models < 2:
@@ -667,6 +683,7 @@ def ulira(problem: Problem, method: Unlearner, target_ids, *, n_shadow: int = 16
     s is a positive, its retrained output a negative; returns the attack's AUC and its accuracy
     at ratio 1. An exact method (retraining) gives AUC 0.5.
     """
+    check_classifier(problem, "U-LiRA")
     tr = problem.train
     pos = tr.positions(target_ids)
     m = len(pos)
