@@ -9,9 +9,8 @@ task declares (not convex: only ``certified`` refuses); the CLI's training split
 Python block's; ``verify``'s exact equality; the forgotten id gone from ``status``.
 
 Running the section costs ~77 s of CPU with a cold compilation cache (13 methods compile their
-programs, five CLI processes start JAX), ~33 s with a warm one: those tests are ``slow``
-(``pytest -m slow tests/test_readme_byo.py``); the shape of the section and the factory are
-checked in the default run.
+programs, five CLI processes start JAX), ~33 s with a warm one. It runs in the default suite
+all the same: the README's example is the promise to a new user, so it must not rot.
 """
 
 import contextlib
@@ -95,7 +94,6 @@ def ran(tmp_path_factory):
     return ns, out.getvalue(), cli
 
 
-@pytest.mark.slow
 def test_influence_scores_match_a_hand_built_gauss_newton_solve(ran):
     """scores[t, i] = −∇ℓ(z_t)ᵀ (G + λI)⁻¹ ∇ℓ(z_i), G = mean_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i
     of the cross-entropy on the logits, assembled here from ``jax.jacfwd`` in float64."""
@@ -128,7 +126,6 @@ def test_influence_scores_match_a_hand_built_gauss_newton_solve(ran):
     np.testing.assert_allclose(scores, want, atol=2e-3 * scale)
 
 
-@pytest.mark.slow
 def test_every_method_runs_or_refuses_as_the_task_declares(ran):
     """Each registered method printed one line: a test accuracy, or a refusal (a ValueError;
     anything else would have failed the block). The task is not declared convex, so exactly
@@ -145,7 +142,6 @@ def test_every_method_runs_or_refuses_as_the_task_declares(ran):
     assert list(ns["forget"]) == ["user-001", "user-002"]  # the comment in the README
 
 
-@pytest.mark.slow
 def test_evaluate_measures_the_methods_against_retraining(ran):
     ns, _, _ = ran
     rows = ns["report"]["rows"]
@@ -164,7 +160,6 @@ def test_evaluate_measures_the_methods_against_retraining(ran):
     assert rows["retrain"]["TA"] == pytest.approx(100 * acc)
 
 
-@pytest.mark.slow
 def test_sisa_cli_with_the_factory_serves_the_deletion_exactly(ran):
     ns, _, cli = ran
     split = ns["split"]
