@@ -215,16 +215,6 @@ def mia_efficacy_expected(logits_fn, retain: Dataset, test: Dataset, *,
 # ----------------------------------------------------------------------------- ensembles
 
 
-def stack(trees: Sequence[Params]) -> Params:
-    """Stack pytrees along a new leading (model) axis."""
-    return engine.stack(trees)
-
-
-def unstack(tree: Params, i: int) -> Params:
-    """Model ``i`` of stacked params."""
-    return engine.unstack(tree, i)
-
-
 def train_ensemble(model, data: Dataset, cfg: TrainConfig, keys: Sequence[jax.Array],
                    weights: np.ndarray | None = None) -> Params:
     """Train ``len(keys)`` models as one engine ensemble; returns stacked variables.
@@ -246,11 +236,6 @@ def train_ensemble(model, data: Dataset, cfg: TrainConfig, keys: Sequence[jax.Ar
 def ensemble_logits(apply, stacked: Params, x: np.ndarray) -> np.ndarray:
     """(S, n, K) logits of every model of a stacked ensemble (eval-mode ``apply``)."""
     return np.asarray(engine.stacked_apply(apply, stacked, jnp.asarray(x)))
-
-
-def unstack_one(tree: Params, i: int) -> Params:
-    """Model ``i`` of stacked params, kept stacked (leading axis of size 1)."""
-    return engine.take(tree, slice(i, i + 1))
 
 
 # ----------------------------------------------------------------------------- forgetting score
@@ -492,7 +477,7 @@ def _stacked_logits(apply, results: Sequence, xs: Sequence[np.ndarray]) -> list[
     """(S, n, K) logits of S method results on each array in ``xs``: one vmapped apply over
     stacked params where every result has params, else one call per result."""
     if all(r.params is not None for r in results):
-        ens = stack([r.params for r in results])
+        ens = engine.stack([r.params for r in results])
         return [ensemble_logits(apply, ens, x) for x in xs]
     return [np.stack([predict_logits(r.logits, x) for r in results]) for x in xs]
 
@@ -647,7 +632,7 @@ def klom_score(problem: Problem, split: Split, forget_ids, method: Unlearner, *,
         results = []
         for s in range(n_models):
             state = method.prepare(problem._replace(key=k_orig[s]),
-                                   Fit(unstack(originals, s), {}))
+                                   Fit(engine.unstack(originals, s), {}))
             results.append(method.forget(state, forget_ids, k_forget[s])[0])
         zu = _stacked_logits(problem.model.apply, results, xs)
     t_unlearn = time.perf_counter() - t0
@@ -706,7 +691,7 @@ def ulira(problem: Problem, method: Unlearner, target_ids, *, n_shadow: int = 16
     u = np.zeros_like(r)
     for s in range(n_shadow):
         z = unlearned_outputs(problem._replace(key=keys[s]), method,
-                              Fit(unstack(originals, s), {}), tr.ids[pos[inside[s]]],
+                              Fit(engine.unstack(originals, s), {}), tr.ids[pos[inside[s]]],
                               [jax.random.fold_in(key, 1 << 20 | s)] if method.name != "retrain"
                               else [keys[s]], [x])[0][0]
         u[s] = logit_confidence(z, y)
