@@ -60,6 +60,7 @@ LAYERS: dict[str, int] = {
     "unlearn.metrics": 5,
     "unlearn.mia": 5,
     "unlearn.evaluate": 5,
+    "unlearn.lds": 5,
     "experiments.": 6,
     "benchmarks.": 6,
 }
