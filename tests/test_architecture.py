@@ -7,7 +7,7 @@ Every module of ``unlearn`` belongs to one layer; ``experiments`` and ``benchmar
     2 curvature, solvers, kfac
     3 inverse, removal, influence, certified, sisa.*
     4 methods.*
-    5 metrics, mia, evaluate
+    5 metrics, mia, evaluate, lds
     6 experiments.*, benchmarks.*
 
 The rule: a module may import modules of its own layer or of lower layers, never of a higher
