@@ -67,3 +67,22 @@ def test_kfac_rejects_conv_models():
     params = m.init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="Dense layers only.*Conv_0"):
         kfac.kfac_factors(m.apply, params, x)
+
+
+def test_kfac_refuses_a_dense_layer_applied_twice():
+    """Shared weights (one Dense called twice) have no single Kronecker factorisation."""
+    import flax.linen as nn
+
+    from unlearn import task
+
+    class Twice(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            d = nn.Dense(3)
+            return d(jnp.tanh(d(x)))
+
+    t = task.from_linen(Twice())
+    x = jnp.ones((4, 3))
+    params = t.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="'Dense_0' is applied more than once"):
+        kfac.kfac_factors(t.apply, params, x)

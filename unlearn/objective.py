@@ -72,6 +72,41 @@ def _ce_output_root(logits, y, dtype):
     return jax.vmap(jnp.diag)(sp) - p[:, :, None] * sp[:, None, :]
 
 
+def _token_weights(y, dtype):
+    """``m_t / max(Σ_t m_t, 1)`` per token (``m_t = 1[y_t ≥ 0]``): each token's weight in the
+    per-sequence mean of :func:`sequence_cross_entropy`, shape ``(n, T)``."""
+    mask = (y >= 0).astype(dtype)
+    return mask / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0)
+
+
+def _seq_ce_output_hvp(logits, y, v):
+    r"""``(∇²_z ℓ_i) v_i`` for :func:`sequence_cross_entropy`: the output Hessian is
+    block-diagonal over tokens, :math:`H_t = (m_t/c)(\operatorname{diag}p_t - p_tp_t^\top)`
+    with :math:`c = \max(\sum_t m_t, 1)`, applied token by token."""
+    p = jax.nn.softmax(logits.astype(v.dtype), axis=-1)
+    hv = p * v - p * jnp.sum(p * v, axis=-1, keepdims=True)
+    return hv * _token_weights(y, v.dtype)[..., None]
+
+
+def sequence_output_root(logits: Array, y: Array, dtype) -> Array:
+    r"""Per-token roots of the output Hessian of :func:`sequence_cross_entropy`, shape
+    ``(n, T, V, V)``: :math:`C_t = \sqrt{m_t/c}\,(\operatorname{diag}\sqrt{p_t} -
+    p_t\sqrt{p_t}^\top)`, so :math:`C_tC_t^\top = (m_t/c)(\operatorname{diag}p_t -
+    p_tp_t^\top) = H_t` (:math:`m_t = 1[y_t \ge 0]`, :math:`c = \max(\sum_t m_t, 1)`).
+
+    The Hessian of the per-sequence mean token cross-entropy in the logits ``(T, V)`` is
+    block-diagonal over tokens (each token's loss depends on its own logits only), so these
+    ``T`` blocks are the whole of it; its flat ``(T·V, T·V)`` root would be mostly zeros.
+    Used by :mod:`unlearn.kfac` for token models (Grosse et al. 2023, §3). The blocks depend
+    on the targets through the padding mask, so ``y`` is required.
+    """
+    p = jax.nn.softmax(logits.astype(dtype), axis=-1)
+    sp = jnp.sqrt(p)
+    eye = jnp.eye(p.shape[-1], dtype=dtype)
+    r = sp[..., None, :] * eye - p[..., :, None] * sp[..., None, :]
+    return r * jnp.sqrt(_token_weights(y, dtype))[..., None, None]
+
+
 def _se_output_hvp(outputs, y, v):
     return v
 
@@ -127,7 +162,10 @@ class Loss:
 CROSS_ENTROPY = Loss("cross_entropy", cross_entropy, classes=True, hvp=_ce_output_hvp,
                      root=_ce_output_root)
 SQUARED_ERROR = Loss("squared_error", squared_error, hvp=_se_output_hvp, root=_se_output_root)
-SEQUENCE_CROSS_ENTROPY = Loss("sequence_cross_entropy", sequence_cross_entropy)
+# No flat ``root``: the sequence loss's output Hessian depends on the targets (the padding
+# mask); its per-token blocks are :func:`sequence_output_root`.
+SEQUENCE_CROSS_ENTROPY = Loss("sequence_cross_entropy", sequence_cross_entropy,
+                              hvp=_seq_ce_output_hvp)
 LOSSES = {loss.name: loss for loss in (CROSS_ENTROPY, SQUARED_ERROR, SEQUENCE_CROSS_ENTROPY)}
 
 
