@@ -288,6 +288,9 @@ def test_ekfac_pcg_converges_to_the_dense_ggn_solve(tiny, f64):
     sol = inverse.CG(tol=1e-9, block=False, precond=pre).prepare(curv, damping).apply(b)
     assert bool(jnp.all(sol.converged)), sol.residual
     np.testing.assert_allclose(sol.x, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    # the registered backend object builds the same factors from the curvature's targets
+    sol2 = inverse.EKFACPCG(tol=1e-9, block=False, chunk_size=3).prepare(curv, damping).apply(b)
+    np.testing.assert_allclose(sol2.x, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
     for kind in ("ekfac", "kfac"):
         approx = jax.vmap(kfac.kfac_inverse(fac, tiny.params, l2 + damping, kind))(b)
         err = float(jnp.linalg.norm(approx - ref) / np.linalg.norm(ref))

@@ -334,7 +334,8 @@ class EKFACPCG(CG):
     name: ClassVar[str] = "pcg-ekfac"
 
     def _prepare(self, c: Curvature, damping: float, op: Any) -> Any:
-        facs = kfac.kfac_factors(c.apply, c.params, c.x, c.weights, chunk_size=self.chunk_size)
+        facs = kfac.kfac_factors(c.apply, c.params, c.x, c.weights, chunk_size=self.chunk_size,
+                                 y=c.y)
         return kfac.kfac_inverse(facs, c.params, c.l2 + damping, "ekfac")
 
     def _preconditioner(self, inv: InverseCurvature) -> Any:
@@ -352,7 +353,8 @@ class EKFAC(Backend):
     variant: ClassVar[str] = "ekfac"
 
     def _prepare(self, c: Curvature, damping: float, op: Any) -> Any:
-        facs = kfac.kfac_factors(c.apply, c.params, c.x, c.weights, chunk_size=self.chunk_size)
+        facs = kfac.kfac_factors(c.apply, c.params, c.x, c.weights, chunk_size=self.chunk_size,
+                                 y=c.y)
         return kfac.kfac_inverse(facs, c.params, c.l2 + damping, self.variant)
 
     def _solve(self, inv: InverseCurvature, rhs: Array):
