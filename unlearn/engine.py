@@ -35,20 +35,26 @@ rate never recompiles.
 
 **Strategies** (measured in ``benchmarks/train_epoch.py``; see docs/architecture.md):
 
-* ``scan``: one jitted ``lax.scan`` over the steps of an epoch of the ``vmap``-ed member step
+* ``scan``: one jitted program looping over the members, each through a loop over its steps
   (dense models on any backend);
 * ``loop``: a Python loop of jitted steps, the member axis unrolled at trace time inside the
-  one jitted step (S independent convolutions in one program): XLA's CPU backend runs a
-  convolution inside any loop ~20× slower and a ``vmap``-ed convolution as a slow grouped
-  convolution (conv nets on CPU);
-* ``vmap``: a Python loop of jitted ``vmap``-ed steps (conv nets on GPU/TPU);
-* ``fused``: ``vmap`` with the plain CNN's convolutions written as im2col patches times
-  kernels (:func:`unlearn.models.frozen_apply`'s convolution-free form), so ``vmap`` turns
-  each layer into ONE batched matmul over the member axis instead of a grouped convolution
-  (the plain CNN on CPU: 1.2–1.3× ``loop`` in ``benchmarks/cnn_strategies.py``).
+  one jitted step (S independent convolutions in one program, each member on its own
+  buffers): XLA's CPU backend runs a convolution inside any loop ~20× slower and a
+  ``vmap``-ed convolution as a slow grouped convolution (conv nets on CPU);
+* ``fused``: ``loop`` with the plain CNN's convolutions written as im2col patches times
+  kernels (:func:`unlearn.models.im2col_apply`, convolution-free);
+* ``vmap``: the ``loop`` program (the name is kept for conv nets on GPU/TPU; the member axis
+  is no longer ``vmap``-ed, see below).
 
 ``auto`` picks ``fused`` for the plain CNN on CPU, ``loop`` for other conv models on CPU
-(dropout, BatchNorm ResNets), ``vmap`` for conv models elsewhere, ``scan`` otherwise.
+(dropout, BatchNorm ResNets), ``vmap`` for conv models elsewhere, ``scan`` otherwise. On a
+device mesh every strategy runs the ``scan`` loop body on each device's members.
+
+**Member independence.** No operation spans the member axis, so in every strategy a member's
+result is a function of its own data, key and hyperparameters only: bit-identical in float32
+whatever the other members are, how many there are and in which slot it sits (see
+:func:`_program` for what a ``vmap``-ed member axis did). SISA's forget therefore equals
+training on D∖U exactly in float32, and a grid point equals ``fit`` at that point.
 
 **One compile cache** (:func:`_program`), keyed on static configuration only: the model's
 hashable identity (:func:`model_key`: its name and linen module, never a fresh closure), the
@@ -408,8 +414,7 @@ class Program:
     loss: Callable
     augment: Callable | None
     masked: bool
-    padded: bool
-    shared: bool = False
+    mesh: Any = None
 
 
 _PROGRAMS: dict[Program, Callable] = {}
@@ -422,7 +427,8 @@ def cache_info() -> dict[str, int]:
 
 
 def _member_step(prog: Program, model, opt, carry, aux, gmask, key, x, y, hashes, sched):
-    """One optimiser step of one member (pure; vmapped, scanned or unrolled by the strategy).
+    """One optimiser step of one member (pure; run by :func:`_guarded` under its step's
+    ``active`` flag, looped or unrolled over the members by the strategy).
 
     ``sched`` = (idxs, ws, active, progress, epoch, batch) of this member at this step.
     """
@@ -464,10 +470,7 @@ def _member_step(prog: Program, model, opt, carry, aux, gmask, key, x, y, hashes
     if gmask is not None:
         g = jax.tree.map(jnp.multiply, g, gmask)
     updates, new_opt = opt.update(g, opt_state, params)
-    new = Members(optax.apply_updates(params, updates), new_opt, new_state)
-    if prog.padded:
-        new = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, Members(*carry))
-    return new, value
+    return Members(optax.apply_updates(params, updates), new_opt, new_state), value
 
 
 def _with_loss(fwd: Callable, model) -> Callable:
@@ -475,51 +478,143 @@ def _with_loss(fwd: Callable, model) -> Callable:
     return task_apply.derive(fwd) if hasattr(task_apply, "derive") else fwd
 
 
+def _guarded(step: Callable, skip: bool) -> Callable:
+    """``step`` gated by the step's ``active`` flag: an inactive (no-op) step returns the
+    member unchanged (params, optimiser state — Adam's moments and count — and model state)
+    with loss 0.
+
+    ``skip``: under ``lax.cond``, so an inactive step costs nothing (the looped form);
+    otherwise the step always runs and ``jnp.where(active, new, old)`` keeps or drops it (the
+    unrolled form: on CPU a convolution inside a ``cond`` branch ran the ResNet-9 step 2×
+    slower). Every step of a program runs through the same construct, so a member's
+    arithmetic never depends on whether *other* members have no-op steps (a ``where``
+    compiled only into programs with no-op steps changed the update's fusion: 3e-8–5e-8).
+    """
+
+    def guarded(carry, aux, gmask, key, x, y, hashes, sched):
+        def active(c):
+            new, value = step(c, aux, gmask, key, x, y, hashes, sched)
+            return new, jnp.asarray(value, x.dtype)
+
+        def keep(c):
+            return c, jnp.zeros((), x.dtype)
+
+        if skip:
+            return jax.lax.cond(sched[2], active, keep, carry)
+        return jax.tree.map(lambda n, o: jnp.where(sched[2], n, o), active(carry), keep(carry))
+
+    return guarded
+
+
+def _at(tree, i):
+    """Entry ``i`` (traced) of the leading axis of every leaf."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
+
+
+def _in_turn(step, counts, carry, aux, gmask, keys, x, y, hashes, sched):
+    """The looped form (``scan``; every strategy on a mesh): the members one after the other
+    (outer loop), each through its steps (inner loop); stacked arguments, ``sched`` leaves
+    (S, T, ...). Both trip counts (``counts`` = members, steps) are run-time values, so XLA
+    compiles ONE loop body, the member's step on its own arrays, whatever the number of
+    members (a loop of known trip count 1 would be inlined and compiled differently)."""
+    n_members, n_steps = counts
+    S, T = sched[2].shape[:2]
+
+    def member(s, state):
+        allc, losses = state
+        a, g, k, sc = _at(aux, s), _at(gmask, s), _at(keys, s), _at(sched, s)
+
+        def one(t, st):
+            c, ls = st
+            c, v = step(c, a, g, k, x, y, hashes, _at(sc, t))
+            return c, jax.lax.dynamic_update_index_in_dim(ls, v, t, 0)
+
+        c, ls = jax.lax.fori_loop(0, n_steps, one, (_at(allc, s), jnp.zeros(T, x.dtype)))
+        allc = jax.tree.map(lambda A, v: jax.lax.dynamic_update_index_in_dim(A, v, s, 0),
+                            allc, c)
+        return allc, jax.lax.dynamic_update_index_in_dim(losses, ls, s, 0)
+
+    return jax.lax.fori_loop(0, n_members, member, (carry, jnp.zeros((S, T), x.dtype)))
+
+
+def _unrolled(step, counts, carry, aux, gmask, keys, x, y, hashes, sched):
+    """The unrolled form (``loop``/``fused``/``vmap``): one step of every member, the member
+    axis unrolled at trace time (S independent member steps in one program). Every argument
+    but the data is a tuple of per-member values and so is the result: each member reads
+    and writes its own buffers. (Sliced from and restacked into stacked arrays inside the
+    program, XLA fused the members' optimiser updates into one loop over the stacked output,
+    and a member's result changed with its slot: ~6e-8; ``lax.optimization_barrier`` is
+    expanded before fusion on CPU and did not prevent it.)"""
+    outs = [step(carry[s], aux[s], None if gmask is None else gmask[s], keys[s], x, y,
+                 hashes, sched[s]) for s in range(len(carry))]
+    return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
+
+
+@jax.jit
+def _split(tree) -> tuple:
+    """A stacked pytree as a tuple of per-member pytrees (one dispatch)."""
+    n = jax.tree.leaves(tree)[0].shape[0]
+    return tuple(unstack(tree, s) for s in range(n))
+
+
+@jax.jit
+def _join(trees: tuple):
+    """Inverse of :func:`_split`."""
+    return stack(trees)
+
+
+def _on_mesh(fn: Callable, mesh) -> Callable:
+    """``fn`` (the looped form) under ``shard_map`` over the member axis: each device runs
+    the same loop body on its own members, so a member's result does not depend on the mesh
+    or on the members of other devices."""
+    from jax.sharding import PartitionSpec as P
+
+    m, r = P(mesh.axis_names[0]), P()
+    return jax.shard_map(fn, mesh=mesh, in_specs=(r, m, m, m, m, r, r, r, m),
+                         out_specs=(m, m), check_vma=False)
+
+
 def _program(prog: Program, model) -> Callable:
     """The jitted program of ``prog`` (built once per static configuration).
 
-    Signature ``(members, aux, grad_mask, keys, x, y, hashes, sched) -> (members, losses)``
-    with ``sched`` the arrays of a :class:`Schedule` (steps first for ``scan``; one step for
-    ``loop``/``vmap``; without the member axis when ``prog.shared``).
+    Signature ``(counts, members, aux, grad_mask, keys, x, y, hashes, sched) -> (members,
+    losses)``. Looped form (``scan``, and every strategy on a mesh): stacked arguments,
+    ``sched`` the arrays of a :class:`Schedule` (S, T, ...), ``counts`` the run-time trip
+    counts (members per device, steps). Unrolled form (``loop``/``fused``/``vmap``): one
+    step, every argument but the data a tuple of per-member values (:func:`_unrolled`).
+
+    **Member independence.** No operation spans the member axis: XLA picks kernels and
+    fusions from the whole program, so a ``vmap``-ed member axis made a member's float32
+    result depend on the others (measured on CPU: the weight-gradient matmul of S = 1 runs
+    on another kernel than the batched one of S ≥ 2; a sum over a (S, 64, 10) array is
+    ordered differently at S = 8; a ``vmap``-ed convolution becomes a grouped convolution
+    whose algorithm changes with S). Each member's step is the same computation in every
+    program — the one loop body, or an unrolled copy on its own buffers — and is guarded the
+    same way (:func:`_guarded`), so member s's parameters are bit-identical whatever the
+    other members are, how many there are and in which slot it sits
+    (``tests/test_engine.py``).
     """
     if prog in _PROGRAMS:
         return _PROGRAMS[prog]
-    opt = make_optimizer(prog.optimizer)
+    looped = _looped(prog)
+    step = _guarded(functools.partial(_member_step, prog, model, make_optimizer(prog.optimizer)),
+                    skip=looped)
+    body = _in_turn if looped else _unrolled
 
-    def step(carry, aux, gmask, key, x, y, hashes, sched):
-        return _member_step(prog, model, opt, carry, aux, gmask, key, x, y, hashes, sched)
-
-    # member axis: carry, aux, gmask, key and (unless every member has the same schedule,
-    # e.g. a hyperparameter grid) the schedule; shared by all members: the data
-    vstep = jax.vmap(step, in_axes=(0, 0, 0, 0, None, None, None, None if prog.shared else 0))
-    pick = (lambda a, s: a) if prog.shared else (lambda a, s: a[s])
-
-    def count():
+    def run(*args):
         _TRACES[prog] = _TRACES.get(prog, 0) + 1
+        return body(step, *args)
 
-    if prog.strategy == "scan":
-        def run(carry, aux, gmask, keys, x, y, hashes, sched):
-            count()
-            return jax.lax.scan(lambda c, st: vstep(c, aux, gmask, keys, x, y, hashes, st),
-                                carry, sched)
-
-    elif prog.strategy in ("vmap", "fused"):
-        def run(carry, aux, gmask, keys, x, y, hashes, sched):
-            count()
-            return vstep(carry, aux, gmask, keys, x, y, hashes, sched)
-
-    else:  # loop: members unrolled at trace time, S independent programs in one jit
-        def run(carry, aux, gmask, keys, x, y, hashes, sched):
-            count()
-            outs = [step(unstack(carry, s), unstack(aux, s),
-                         None if gmask is None else unstack(gmask, s), keys[s], x, y, hashes,
-                         jax.tree.map(lambda a, s=s: pick(a, s), sched))
-                    for s in range(keys.shape[0])]
-            return stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
-
-    fn = jax.jit(run)
+    fn = jax.jit(run if prog.mesh is None else _on_mesh(run, prog.mesh))
     _PROGRAMS[prog] = fn
     return fn
+
+
+def _looped(prog: Program) -> bool:
+    """Whether ``prog`` runs the looped form (:func:`_in_turn`) rather than the unrolled one:
+    ``scan``, and every strategy on a device mesh (one member program per device;
+    convolutions in loops are slow on CPU only, where meshes are virtual)."""
+    return prog.strategy == "scan" or prog.mesh is not None
 
 
 def _fusable(model) -> bool:
@@ -601,31 +696,32 @@ def run(model, members: Members, data: Data, sched: Schedule, *, keys: jax.Array
     if sched.steps == 0:
         return members, jnp.zeros((members.size, 0))
     strategy = resolve_strategy(model, strategy)
-    padded = not bool(sched.active.all())
     fdt = np.dtype(data.x.dtype)
     arrays = (tuple(sched.idx), tuple(np.asarray(w, fdt) for w in sched.w), sched.active,
               sched.progress.astype(fdt), sched.epoch, sched.batch)
-    leaves = jax.tree.leaves(arrays)
-    shared = mesh is None and len(sched.active) > 1 and all(
-        (a[1:] == a[:1]).all() for a in leaves)
+    if mesh is not None:
+        from jax.sharding import Mesh
+
+        mesh = Mesh(mesh.devices, mesh.axis_names)  # automatic axes, as in place()
     prog = Program(model_key(model), optimizer, strategy, dtype, loss, augment,
-                   grad_mask is not None, padded, shared)
+                   grad_mask is not None, mesh)
     fn = _program(prog, model)
-    if shared:  # one schedule for every member: drop the member axis
-        arrays = jax.tree.map(lambda a: a[0], arrays)
-    args = (members, aux, grad_mask, keys, data.x, data.y, data.hashes)
-    if strategy == "scan":
-        if not shared:  # (S, T, ...) -> (T, S, ...): steps first for the scan
-            arrays = place(jax.tree.map(lambda a: np.swapaxes(a, 0, 1), arrays), mesh, 1)
-        members, losses = fn(*args, arrays)
-        return members, losses.T
-    tax = 0 if shared else 1
+    S = len(sched.active)
+    per_device = S // (1 if mesh is None else mesh.shape[mesh.axis_names[0]])
+    counts = (np.int32(per_device), np.int32(sched.steps))
+    data_args = (data.x, data.y, data.hashes)
+    if _looped(prog):
+        return fn(counts, members, aux, grad_mask, keys, *data_args, place(arrays, mesh, 0))
+    # unrolled: per-member buffers in and out (see _unrolled), restacked once at the end
+    mem, per = _split(members), _split((aux, grad_mask, keys))
+    aux_s, gmask_s, keys_s = (tuple(p[j] for p in per) for j in range(3))
     losses = []
     for t in range(sched.steps):
-        st = jax.tree.map(lambda a, t=t: np.take(a, t, axis=tax), arrays)
-        members, loss_t = fn(members, *args[1:], place(st, mesh, 0) if not shared else st)
-        losses.append(loss_t)
-    return members, jnp.stack(losses, 1)
+        st = tuple(jax.tree.map(lambda a, s=s, t=t: a[s, t], arrays) for s in range(S))
+        mem, loss_t = fn(counts, mem, aux_s, None if grad_mask is None else gmask_s, keys_s,
+                         *data_args, st)
+        losses.append(jnp.stack(loss_t))
+    return _join(mem), jnp.stack(losses, 1)
 
 
 # ----------------------------------------------------------------------------- predict

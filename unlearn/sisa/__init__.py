@@ -32,20 +32,23 @@ Exactness. The order of examples in epoch j of stage r of shard s is
 ``train.epoch_order(hashes, seed, j, s, r)`` over the ids present: a function of
 (key, shard, slice, epoch) and the ids present only. ``forget(U)`` retrains each affected shard
 from the checkpoint before its earliest affected slice, so the result equals training on D∖U
-from scratch with the same layout (a test). All shards advance together in one vmapped step;
-a shard whose stage needs fewer batches gets *no-op* steps: ``jnp.where(active, new, old)`` on
-params and optimiser state, so Adam's moments and step count are untouched.
+from scratch with the same layout, bit for bit in float32 (max |Δθ| = 0; a test). All shards
+advance together in one engine program; a shard whose stage needs fewer batches gets *no-op*
+steps that leave params, model state and optimiser state (Adam's moments and step count)
+untouched. The engine's members are independent — no operation spans the shard axis — so a
+shard's float32 result does not depend on which shards share its program, how many slots it
+has or the shard's slot: the groupings of ``forget``, of a scratch ``train`` and of the
+store's ``verify`` all agree.
 
-Execution strategies. ``vmap``: one jitted ``lax.scan`` over the steps of an epoch of a
-``vmap``-ed masked step (dense models; every model on GPU). ``unroll``: XLA's CPU backend turns
+Execution strategies (:mod:`unlearn.engine`). ``scan``: one jitted program looping over the
+shards, each through its steps (dense models). ``unroll`` (``loop``): XLA's CPU backend turns
 a vmapped convolution into a slow grouped convolution and runs convolutions inside loops ~20×
 slower, so for conv nets on CPU the shard axis is unrolled at trace time inside ONE jitted step
-(S independent convolutions in one program) and the steps run as a Python loop. ``fused``: the
-plain CNN on CPU in its im2col form, ``vmap``-ed (one batched matmul per layer over the shards;
-1.2× ``unroll`` in ``benchmarks/cnn_strategies.py``). ``auto`` picks ``fused`` for the plain
-CNN on CPU, ``unroll`` for other conv models on CPU and ``vmap`` otherwise. A
-``jax.sharding.Mesh`` places the stacked shard axis on a mesh axis (``NamedSharding``) so
-shards train in parallel on devices.
+(S independent convolutions in one program, each shard on its own buffers) and the steps run
+as a Python loop. ``fused``: the plain CNN on CPU in its im2col form, unrolled the same way.
+``auto`` picks ``fused`` for the plain CNN on CPU, ``unroll`` for other conv models on CPU and
+``scan`` for dense models. A ``jax.sharding.Mesh`` places the stacked shard axis on a mesh
+axis so shards train in parallel on devices (each device loops over its own shards).
 
 Persistent model: ``python -m unlearn.sisa train|forget|predict|verify|status`` over a model
 directory (one orbax checkpoint per shard and stage, an append-only JSON-lines deletion ledger,

@@ -4,10 +4,17 @@ See the package docstring (:mod:`unlearn.sisa`) for incremental training and exa
 S shard models are the members of one :mod:`unlearn.engine` ensemble: every stage of every
 shard is a call of the engine's jitted epoch with per-shard schedules (a shard with fewer
 batches, or not retrained by a request, takes no-op steps). The engine's strategy is chosen
-by model and backend (``scan`` for dense models, ``fused`` — the im2col form vmapped — for
-the plain CNN on CPU, ``loop`` — the shard axis unrolled inside one jitted step — for other
-convolutions on CPU, ``vmap`` on GPU); SISA's historical name
-``unroll`` means ``loop``. A ``jax.sharding.Mesh`` lays the shard axis on devices.
+by model and backend (``scan`` — the shards looped inside one program — for dense models,
+``fused`` — the im2col form, unrolled — for the plain CNN on CPU, ``loop`` — the shard axis
+unrolled inside one jitted step — for other convolutions on CPU, ``vmap`` on GPU); SISA's
+historical name ``unroll`` means ``loop``. A ``jax.sharding.Mesh`` lays the shard axis on
+devices.
+
+Exactness in float32: the engine's members are independent (no operation spans the member
+axis), so a shard's result does not depend on which shards share its program, how many slots
+it has or which slot the shard sits in: ``forget`` (the affected shards, padded to a power of
+two), a scratch ``train`` (all shards), ``train_loop`` (each shard alone) and the store's
+``verify`` (shards regrouped by request) give bit-identical checkpoints.
 
 Checkpoints are ``(variables, opt_state)`` stacked (R+1, S): ``variables`` carries the
 parameters and the model state (BatchNorm statistics), so the exactness check covers both.
@@ -140,7 +147,8 @@ def _run_stages(state: SisaState, shards: np.ndarray, start: np.ndarray, x, y):
     Shards are the members of one engine call per stage. The member axis is padded with dummy
     slots (never active, never written back) to a power of two, and with a mesh to a multiple
     of the device count, so a handful of programs serve every request; a stage's steps are
-    padded with no-op steps to a multiple of ``CHUNK`` for the same reason (``scan``).
+    padded with no-op steps to a multiple of ``CHUNK`` for the same reason (``scan``, where
+    no-op steps are skipped). Neither padding nor grouping changes a shard's result.
     """
     model, cfg, plan = state.model, state.cfg, state.plan
     R = plan.slices
