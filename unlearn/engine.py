@@ -537,17 +537,17 @@ def _in_turn(step, counts, carry, aux, gmask, keys, x, y, hashes, sched):
     return jax.lax.fori_loop(0, n_members, member, (carry, jnp.zeros((S, T), x.dtype)))
 
 
-def _unrolled(step, counts, carry, aux, gmask, keys, x, y, hashes, sched, t):
-    """The unrolled form (``loop``/``fused``/``vmap``): step ``t`` of every member, the member
+def _unrolled(step, counts, carry, aux, gmask, keys, x, y, hashes, sched):
+    """The unrolled form (``loop``/``fused``/``vmap``): one step of every member, the member
     axis unrolled at trace time (S independent member steps in one program). Every argument
-    but the data and ``t`` is a tuple of per-member values (schedule leaves (T, ...), put on
-    the device once per run) and so is the result: each member reads and writes its own
-    buffers. (Sliced from and restacked into stacked arrays inside the
+    but the data is a tuple of per-member values (the schedule: this step's arrays, so one
+    program serves every number of steps) and so is the result: each member reads and
+    writes its own buffers. (Sliced from and restacked into stacked arrays inside the
     program, XLA fused the members' optimiser updates into one loop over the stacked output,
     and a member's result changed with its slot: ~6e-8; ``lax.optimization_barrier`` is
     expanded before fusion on CPU and did not prevent it.)"""
     outs = [step(carry[s], aux[s], None if gmask is None else gmask[s], keys[s], x, y,
-                 hashes, _at(sched[s], t)) for s in range(len(carry))]
+                 hashes, sched[s]) for s in range(len(carry))]
     return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
 
 
@@ -713,19 +713,14 @@ def run(model, members: Members, data: Data, sched: Schedule, *, keys: jax.Array
     data_args = (data.x, data.y, data.hashes)
     if _looped(prog):
         return fn(counts, members, aux, grad_mask, keys, *data_args, place(arrays, mesh, 0))
-    # unrolled: per-member buffers in and out (see _unrolled), restacked once at the end;
-    # the schedule goes to the device once, its steps padded to a power of two (few shapes)
+    # unrolled: per-member buffers in and out (see _unrolled), restacked once at the end
     mem, per = _split(members), _split((aux, grad_mask, keys))
     aux_s, gmask_s, keys_s = (tuple(p[j] for p in per) for j in range(3))
-    T = sched.steps
-    pad = bucket(T) - T
-    st = jax.device_put(tuple(jax.tree.map(
-        lambda a, s=s: np.concatenate([a[s], np.zeros((pad, *a.shape[2:]), a.dtype)]), arrays)
-        for s in range(S)))
     losses = []
-    for t in range(T):
+    for t in range(sched.steps):
+        st = tuple(jax.tree.map(lambda a, s=s, t=t: a[s, t], arrays) for s in range(S))
         mem, loss_t = fn(counts, mem, aux_s, None if grad_mask is None else gmask_s, keys_s,
-                         *data_args, st, np.int32(t))
+                         *data_args, st)
         losses.append(jnp.stack(loss_t))
     return _join(mem), jnp.stack(losses, 1)
 
