@@ -445,7 +445,7 @@ def _member_step(prog: Program, model, opt, carry, aux, gmask, key, x, y, hashes
         xb = x[i]
         if prog.augment is not None:
             xb = prog.augment(xb, hashes[i], key, epoch)
-        batches.append(Batch(xb, y[i], w.astype(x.dtype)))
+        batches.append(Batch(xb, y[i], w.astype(float_dtype(x, aux))))
 
     def f(p):
         states = []
@@ -478,6 +478,15 @@ def _with_loss(fwd: Callable, model) -> Callable:
     return task_apply.derive(fwd) if hasattr(task_apply, "derive") else fwd
 
 
+def float_dtype(x, aux=None, dtype=None):
+    """The floating dtype of a run: the inputs' when they are floating, else (integer token
+    ids) the configured ``dtype`` or that of ``aux["l2"]`` — never an integer type, which
+    would silently round the weights, λ and the losses (λ < 1 became 0)."""
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return x.dtype
+    return jnp.dtype(dtype) if dtype is not None else aux["l2"].dtype
+
+
 def _guarded(step: Callable, skip: bool) -> Callable:
     """``step`` gated by the step's ``active`` flag: an inactive (no-op) step returns the
     member unchanged (params, optimiser state — Adam's moments and count — and model state)
@@ -494,10 +503,10 @@ def _guarded(step: Callable, skip: bool) -> Callable:
     def guarded(carry, aux, gmask, key, x, y, hashes, sched):
         def active(c):
             new, value = step(c, aux, gmask, key, x, y, hashes, sched)
-            return new, jnp.asarray(value, x.dtype)
+            return new, jnp.asarray(value, float_dtype(x, aux))
 
         def keep(c):
-            return c, jnp.zeros((), x.dtype)
+            return c, jnp.zeros((), float_dtype(x, aux))
 
         if skip:
             return jax.lax.cond(sched[2], active, keep, carry)
@@ -529,12 +538,13 @@ def _in_turn(step, counts, carry, aux, gmask, keys, x, y, hashes, sched):
             c, v = step(c, a, g, k, x, y, hashes, _at(sc, t))
             return c, jax.lax.dynamic_update_index_in_dim(ls, v, t, 0)
 
-        c, ls = jax.lax.fori_loop(0, n_steps, one, (_at(allc, s), jnp.zeros(T, x.dtype)))
+        ls0 = jnp.zeros(T, float_dtype(x, aux))
+        c, ls = jax.lax.fori_loop(0, n_steps, one, (_at(allc, s), ls0))
         allc = jax.tree.map(lambda A, v: jax.lax.dynamic_update_index_in_dim(A, v, s, 0),
                             allc, c)
         return allc, jax.lax.dynamic_update_index_in_dim(losses, ls, s, 0)
 
-    return jax.lax.fori_loop(0, n_members, member, (carry, jnp.zeros((S, T), x.dtype)))
+    return jax.lax.fori_loop(0, n_members, member, (carry, jnp.zeros((S, T), float_dtype(x, aux))))
 
 
 def _unrolled(step, counts, carry, aux, gmask, keys, x, y, hashes, sched):
@@ -697,7 +707,7 @@ def run(model, members: Members, data: Data, sched: Schedule, *, keys: jax.Array
     if sched.steps == 0:
         return members, jnp.zeros((members.size, 0))
     strategy = resolve_strategy(model, strategy)
-    fdt = np.dtype(data.x.dtype)
+    fdt = np.dtype(float_dtype(data.x, dtype=dtype))
     arrays = (tuple(sched.idx), tuple(np.asarray(w, fdt) for w in sched.w), sched.active,
               sched.progress.astype(fdt), sched.epoch, sched.batch)
     if mesh is not None:
@@ -869,7 +879,7 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
         variables = init_variables(model, data.x[:1], keys, dtype)
     variables = cast(variables, dtype)
     members = init_members(variables, optimizer, lr)
-    fdt = data.x.dtype
+    fdt = float_dtype(data.x, dtype=dtype)
     aux = {"l2": jnp.broadcast_to(jnp.asarray(l2, fdt), (S,))}
     seeds = key_seeds(keys) if seeds is None else list(seeds)
     present = [np.nonzero(w[s] > 0)[0] for s in range(S)]

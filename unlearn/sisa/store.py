@@ -27,11 +27,12 @@ when no writer is active. A refused ``train`` removes what it made: the director
 it created, or the files it added to an existing one.
 
 **Exact verification.** ``verify`` retrains, from scratch on the retained data, every unit of
-the shards that held a forgotten example and compares bit for bit (max |Δθ| must be 0). XLA's
-CPU code for the vmapped step depends on the number of shard slots in the program (measured
-here: up to 3e-8 in float32 between a 1-4-slot and an 8-slot program for the same shard), so
-each unit records the slot count of the program that produced it and verify reruns each unit
-with a program of that size. Retraining is deterministic on one machine, so any difference —
+the shards that held a forgotten example and compares bit for bit (max |Δθ| must be 0). The
+engine's numerics are member-independent (``unlearn.engine``: no operation spans the member
+axis), so a shard's float32 parameters do not depend on which other shards shared its program
+or in which slot; units still record the slot count of the program that produced them, which
+verify replays (redundant since the engine change, kept as a belt-and-braces check).
+Retraining is deterministic on one machine, so any difference —
 e.g. a forgotten example still in the training set — shows as a non-zero difference.
 """
 

@@ -164,7 +164,7 @@ def _run_stages(state: SisaState, shards: np.ndarray, start: np.ndarray, x, y):
     parts = (lay.hashes[pos], key_seed(state.key), lay.shard[pos], lay.slice[pos], state.alive)
     data = engine.Data(x, y, engine.hash32(lay.hashes[pos]))
     keys = _shard_keys(state.key, plan.shards)[shards]
-    aux = {"l2": jnp.full((k,), cfg.l2, x.dtype)}
+    aux = {"l2": jnp.full((k,), cfg.l2, engine.float_dtype(x, dtype=cfg.dtype))}
     run = dict(keys=keys, aux=aux, optimizer=cfg.optimizer, dtype=cfg.dtype,
                strategy=state.strategy, augment=augmentation(cfg), mesh=state.mesh)
     ckpts = _host(state.ckpts)  # a copy: the input state is never mutated
@@ -367,8 +367,9 @@ def train_loop(model: Model, ds: Dataset, cfg: TrainConfig, plan: Plan, key: jax
                                           s, r)
                 sched = engine.stack_schedules([(b,)], cfg.batch_size,
                                                epoch=r * EPOCH_TAG + j)
+                l2 = jnp.full((1,), cfg.l2, engine.float_dtype(data.x, dtype=cfg.dtype))
                 mem, _ = engine.run(model, mem, data, sched, keys=keys[s: s + 1],
-                                    aux={"l2": jnp.full((1,), cfg.l2, data.x.dtype)},
+                                    aux={"l2": l2},
                                     optimizer=cfg.optimizer, dtype=cfg.dtype,
                                     strategy=cfg.strategy, augment=augmentation(cfg))
         out.append(engine.unstack(mem.variables(), 0))
