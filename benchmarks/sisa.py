@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from benchmarks._common import write_section
-from unlearn import data, models, sisa, train
+from unlearn import data, engine, models, sisa, train
 
 REPEATS = 3
 FORGETS = 5
@@ -75,7 +75,7 @@ def training_rows(tr) -> list[dict]:
             t_b = _time(lambda m=m, plan=plan: sisa.train(m, tr, cfg, plan, key).ckpts)
             t_l = _time(lambda m=m, plan=plan: sisa.train_loop(m, tr, cfg, plan, key))
             rows.append({"model": name, "S": S,
-                         "strategy": sisa.resolve_strategy(m), "batched_s": t_b, "loop_s": t_l,
+                         "strategy": engine.resolve_strategy(m), "batched_s": t_b, "loop_s": t_l,
                          "one_model_s": t_one, "batched/loop": t_b / t_l,
                          "batched/one": t_b / t_one})
             print(rows[-1], flush=True)

@@ -634,7 +634,10 @@ def _fusable(model) -> bool:
 
 def resolve_strategy(model, strategy: str = "auto") -> str:
     """``scan``, ``loop``, ``vmap`` or ``fused`` (module docstring); ``auto`` picks by model
-    and backend."""
+    and backend; ``unroll`` is SISA's old name for ``loop``. The one place strategies are
+    resolved."""
+    if strategy == "unroll":
+        strategy = "loop"
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: choose one of {STRATEGIES}.")
     if strategy == "fused" and not _fusable(model):
@@ -799,14 +802,6 @@ def init_members(variables: Params, optimizer: str, lr) -> Members:
     lr = jnp.broadcast_to(jnp.asarray(lr, leaf.dtype), (S,))
     opt_state.hyperparams["learning_rate"] = lr
     return Members(params, opt_state, state)
-
-
-def set_learning_rate(members: Members, lr) -> Members:
-    """Members with their learning rates replaced (scalar or (S,))."""
-    hp = dict(members.opt_state.hyperparams)
-    old = hp["learning_rate"]
-    hp["learning_rate"] = jnp.broadcast_to(jnp.asarray(lr, old.dtype), old.shape)
-    return members._replace(opt_state=members.opt_state._replace(hyperparams=hp))
 
 
 @jax.jit

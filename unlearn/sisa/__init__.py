@@ -89,7 +89,6 @@ from unlearn.sisa.train import (
     aggregate,
     forget,
     predict,
-    resolve_strategy,
     shard_logits,
     train,
     train_loop,
@@ -100,6 +99,6 @@ __all__ = [
     "CONFIG", "LEDGER", "Layout", "ModelDirError", "Plan", "SisaState", "aggregate",
     "check_config", "check_finite", "check_model", "cli", "create", "forget",
     "forget_persistent", "load", "make_layout", "open_dir", "predict", "read_ledger",
-    "resolve_ids", "resolve_strategy", "shard_logits", "slice_epochs", "status", "train",
+    "resolve_ids", "shard_logits", "slice_epochs", "status", "train",
     "train_loop", "validate_forget", "verify",
 ]

@@ -54,6 +54,7 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 
+from unlearn import engine
 from unlearn.data import stable_hash
 from unlearn.sisa.checkpoints import _load_ckpts, _write_version
 from unlearn.sisa.ledger import (
@@ -101,7 +102,6 @@ from unlearn.sisa.train import (
     _init_stack,
     forget,
     predict,
-    resolve_strategy,
     train,
 )
 from unlearn.train import TrainConfig, bucket
@@ -327,7 +327,7 @@ def _state(d: Dir, need_train: bool):
                             "files, or forget them with `forget --ids ...`.")
     layout = Layout(d.ids, d.shard, d.slice, stable_hash(d.ids))
     st = SisaState(model, tc, plan, key, tr, layout, alive, ckpts,
-                   resolve_strategy(model, "auto"))
+                   engine.resolve_strategy(model, "auto"))
     return st, d, test, present
 
 

@@ -80,11 +80,6 @@ class SisaState(NamedTuple):
                            minlength=self.plan.shards)
 
 
-def resolve_strategy(model: Model, strategy: str = "auto") -> str:
-    """The engine strategy (:func:`unlearn.engine.resolve_strategy`); ``unroll`` = ``loop``."""
-    return engine.resolve_strategy(model, "loop" if strategy == "unroll" else strategy)
-
-
 def _take(tree: Any, idx) -> Any:
     return jax.tree.map(lambda a: a[idx], tree)
 
@@ -251,7 +246,7 @@ def train(model: Model, ds: Dataset, cfg: TrainConfig, plan: Plan, key: jax.Arra
     if mesh is not None and plan.shards % mesh.devices.size:
         raise ValueError(f"shards={plan.shards} must be a multiple of the mesh size "
                          f"{mesh.devices.size} to lay the shard axis on the mesh.")
-    strategy = resolve_strategy(model, strategy)
+    strategy = engine.resolve_strategy(model, strategy)
     p0, o0 = _init_stack(model, ds, cfg, key, plan.shards)
     R = plan.slices
     ckpts = jax.tree.map(lambda a: np.broadcast_to(a, (R + 1, *a.shape)), (p0, o0))
