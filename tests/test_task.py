@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
+from test_byo_methods import NNXNet  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from unlearn import data, engine, influence, inverse, models, objective, task, train
 from unlearn.curvature import ggn_vp
@@ -206,28 +207,18 @@ def test_squared_error_linear_regression_reaches_the_ridge_solution(x64):
     np.testing.assert_allclose(np.vstack([p["kernel"], p["bias"][None]]), sol, atol=1e-8)
 
 
-class _NNXNet(nnx.Module):
-    def __init__(self, rngs):
-        self.a = nnx.Linear(64, 16, rngs=rngs)
-        self.ln = nnx.LayerNorm(16, rngs=rngs)
-        self.b = nnx.Linear(16, 10, rngs=rngs)
-
-    def __call__(self, x):
-        return self.b(nnx.gelu(self.ln(self.a(x.reshape(x.shape[0], -1)))))
-
-
 def test_nnx_task_is_the_module_and_trains(digits):
     """``from_nnx``: init per key gives the module nnx would build with that key; eval apply
     equals calling the merged module; training lowers the loss; equal constructors share an
     identity; a module with stored random streams is refused."""
-    t = task.from_nnx(_NNXNet)
+    t = task.from_nnx(NNXNet)
     x = jnp.asarray(digits.x[:8])
     v = t.init(jax.random.key(3), x)
-    ref = _NNXNet(nnx.Rngs(jax.random.key(3)))
+    ref = NNXNet(nnx.Rngs(jax.random.key(3)))
     np.testing.assert_allclose(t.apply(v, x), ref(x), rtol=1e-6)
     v2 = t.init(jax.random.key(4), x)
     assert not np.array_equal(ravel_pytree(v)[0], ravel_pytree(v2)[0])
-    assert task.from_nnx(_NNXNet).identity == t.identity
+    assert task.from_nnx(NNXNet).identity == t.identity
     cfg = train.TrainConfig(epochs=10, batch_size=64, lr=1e-2)
     fit = train.fit(t, digits, cfg, jax.random.key(0))
     init = t.init(jax.random.key(0), x)
@@ -245,7 +236,7 @@ def test_nnx_task_is_the_module_and_trains(digits):
     with pytest.raises(ValueError, match="random streams"):
         task.from_nnx(Drop)
     with pytest.raises(TypeError, match="constructor"):
-        task.from_nnx(_NNXNet(nnx.Rngs(0)))
+        task.from_nnx(NNXNet(nnx.Rngs(0)))
 
 
 def test_bad_task_arguments_are_named():

@@ -37,6 +37,7 @@ from unlearn import metrics
 from unlearn.data import Split
 from unlearn.methods import Result, Unlearner
 from unlearn.methods import get as get_method
+from unlearn.task import is_classifier
 from unlearn.train import Fit, Problem, TrainConfig, retrain, train
 
 GAP_KEYS = metrics.GAP_METRICS
@@ -73,9 +74,9 @@ def method_metrics(result: Result, oracle: Result, problem: Problem, split: Spli
     tr = problem.train
     forget = tr.subset(tr.positions(forget_ids))
     retain = tr.without(forget_ids)
-    loss = getattr(problem.model.apply, "loss", None)
-    if loss is not None and not loss.classes:  # e.g. regression: losses, output distance
-        out = metrics.task_losses(result.logits, loss, retain, forget, split.test)
+    if not is_classifier(problem.model):  # e.g. regression: losses, output distance
+        out = metrics.task_losses(result.logits, problem.model.apply.loss, retain, forget,
+                                  split.test)
         out.update(metrics.output_distance(result.logits, oracle.logits, forget, split.test))
         if result.params is not None and oracle.params is not None:
             out["rel_distance"] = metrics.relative_distance(result.params, oracle.params,
@@ -262,8 +263,7 @@ def evaluate(
                     "stats": {k: v for k, v in res.stats.items()
                               if isinstance(v, int | float | bool | str)}})
         rows[name] = row
-    loss = getattr(problem.model.apply, "loss", None)
-    keys = GAP_KEYS if loss is None or loss.classes else metrics.REGRESSION_GAP_METRICS
+    keys = GAP_KEYS if is_classifier(problem.model) else metrics.REGRESSION_GAP_METRICS
     for row in rows.values():
         if "failed" not in row:
             row["avg_gap"] = avg_gap(row, rows["retrain"], keys)

@@ -42,6 +42,7 @@ from unlearn import engine
 from unlearn.data import Dataset, Split, stable_hash
 from unlearn.methods.base import Unlearner
 from unlearn.metrics import KLOM_REFERENCE, log_softmax, predict_logits
+from unlearn.task import is_classifier
 from unlearn.train import Fit, Problem, TrainConfig, augmentation, key_seed, retain_mask
 
 Params = Any
@@ -506,8 +507,7 @@ def check_classifier(problem: Problem, what: str) -> None:
     """Membership attacks and the scores here read class probabilities, confidences and
     margins: refuse, naming the task's loss, a task that is not a classifier."""
     loss = getattr(problem.model.apply, "loss", None)
-    if getattr(problem.train, "targets", "classes") != "classes" or (
-            loss is not None and not loss.classes):
+    if not is_classifier(problem.model, problem.train):
         raise ValueError(
             f"{what} is defined on class probabilities (confidences, margins, softmax "
             f"features); task {problem.model.name!r} has loss "

@@ -139,6 +139,14 @@ class Task(NamedTuple):
         return _rebuild(self, measure=as_measure(measure))
 
 
+def is_classifier(model, data=None) -> bool:
+    """Whether ``model``'s loss reads class probabilities (cross-entropy: accuracy, softmax
+    metrics and relabelling apply) and, if ``data`` is given, its targets are class labels.
+    A bare ``apply`` without a declared loss counts as the package's cross-entropy."""
+    loss = getattr(getattr(model, "apply", None), "loss", None)
+    return (loss is None or loss.classes) and getattr(data, "targets", "classes") == "classes"
+
+
 def _curvature_key(c):
     return c if c is None or isinstance(c, str) else ("fn", c)
 
@@ -314,4 +322,4 @@ def from_functions(init: Callable, apply: Callable, *, loss="cross_entropy", mea
 
 
 __all__ = ["CURVATURES", "Task", "TaskApply", "from_functions", "from_linen", "from_nnx",
-           "make_task"]
+           "is_classifier", "make_task"]

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from unlearn.task import is_classifier
 from unlearn.train import Fit, Problem, retain_mask
 
 Params = Any
@@ -90,8 +91,7 @@ def check_classes(problem: Problem, method: str) -> None:
     """Raise a clear error unless the task is a classifier (integer class labels and a loss
     on class probabilities): methods that relabel or compare softmax outputs need one."""
     loss = getattr(problem.model.apply, "loss", None)
-    if getattr(problem.train, "targets", "classes") != "classes" or (
-            loss is not None and not loss.classes):
+    if not is_classifier(problem.model, problem.train):
         raise ValueError(
             f"method {method!r} needs a classification task (integer class labels and a "
             f"cross-entropy loss: it relabels examples or compares class probabilities); got "

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from unlearn import sisa as sisa_lib
 from unlearn.data import as_ids
 from unlearn.methods.base import Result, Unlearner
+from unlearn.task import is_classifier
 from unlearn.train import Fit, Problem
 
 
@@ -53,8 +54,7 @@ def sisa(shards: int = 4, slices: int = 2, assignment: str = "uniform",
 def _predict(problem: Problem, ens: sisa_lib.SisaState, x, aggregation: str):
     """Classifiers: the ``aggregation`` of the shard probabilities; any other task (e.g.
     squared-error regression): the mean of the non-empty shards' outputs."""
-    loss = getattr(problem.model.apply, "loss", None)
-    if loss is None or loss.classes:
+    if is_classifier(problem.model):
         return sisa_lib.predict(ens, x, aggregation)
     out = sisa_lib.shard_logits(ens, x)
     w = jnp.asarray(ens.shard_sizes() > 0, out.dtype)
