@@ -2,12 +2,12 @@
 
 Every module of ``unlearn`` belongs to one layer; ``experiments`` and ``benchmarks`` sit on top:
 
-    0 data, models, objective, task, augment, results    (import nothing of unlearn above)
+    0 data, models, objective, task, augment, results, people, runtime, distributed
     1 engine, train
     2 curvature, solvers, kfac
     3 inverse, removal, influence, certified, sisa.*
     4 methods.*
-    5 metrics, mia, evaluate, lds
+    5 metrics, mia, evaluate, lds, lm_metrics
     6 experiments.*, benchmarks.*
 
 The rule: a module may import modules of its own layer or of lower layers, never of a higher
@@ -45,6 +45,9 @@ LAYERS: dict[str, int] = {
     "unlearn.task": 0,
     "unlearn.augment": 0,
     "unlearn.results": 0,
+    "unlearn.people": 0,
+    "unlearn.runtime": 0,
+    "unlearn.distributed": 0,
     "unlearn.engine": 1,
     "unlearn.train": 1,
     "unlearn.curvature": 2,
@@ -61,6 +64,7 @@ LAYERS: dict[str, int] = {
     "unlearn.mia": 5,
     "unlearn.evaluate": 5,
     "unlearn.lds": 5,
+    "unlearn.lm_metrics": 5,
     "experiments.": 6,
     "benchmarks.": 6,
 }
