@@ -24,7 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from unlearn import results
+from unlearn import results, runtime
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "paper_figures"
 
@@ -92,9 +92,13 @@ def run_experiment(module: ModuleType, *, config: str = "default", out: Path = D
     """Run (unless its JSON exists and not ``force``) and plot one experiment.
 
     ``progress`` is passed to ``module.run`` when it accepts one; ``log`` receives the lines
-    this function would print to stderr.
+    this function would print to stderr. JAX's persistent compilation cache is switched on
+    first (:func:`unlearn.runtime.compile_cache`; ``UNLEARN_JAX_CACHE=off`` keeps it off):
+    a second run of an experiment reuses the compiled programs of the first. (``scaling``
+    times its methods in worker processes of its own, which do not inherit it.)
     """
     log = log or (lambda s: print(s, file=sys.stderr))
+    runtime.compile_cache()  # compiled programs persist between runs (UNLEARN_JAX_CACHE=off)
     if config not in module.CONFIGS:
         raise ValueError(f"config={config!r}: {module.NAME} has {sorted(module.CONFIGS)}.")
     cfg = {**module.CONFIGS[config], **overrides}

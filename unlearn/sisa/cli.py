@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-import jax
-
 from unlearn import models as models_lib
-from unlearn.data import _cache_dir
+from unlearn import runtime
 from unlearn.sisa.store import (
     LOCK_TIMEOUT,
     ModelDirError,
@@ -27,20 +24,13 @@ from unlearn.sisa.store import (
 )
 
 
-def _compile_cache() -> None:
-    """Keep compiled programs between CLI runs (``$UNLEARN_JAX_CACHE``, default under the
-    system temp dir): a second ``forget`` does not recompile the training step."""
-    path = os.environ.get("UNLEARN_JAX_CACHE") or str(_cache_dir() / "jax")
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-
-
 def cli(argv: list[str] | None = None) -> int:
     """``python -m unlearn.sisa {train,forget,predict,verify,status} MODEL_DIR ...``"""
     a = _parser().parse_args(argv)
     try:
         if a.cmd in ("train", "forget", "verify", "predict"):
-            _compile_cache()
+            # keep compiled programs between runs: a second forget does not recompile
+            runtime.compile_cache()
         out = _run(a)
     except (ModelDirError, KeyError, ValueError, TypeError, FileExistsError, FileNotFoundError,
             FloatingPointError) as e:
