@@ -91,7 +91,8 @@ def influence_scores(apply: Apply, params: Params, x: Array, y: Array, s: Array,
 
 
 class Influence(NamedTuple):
-    """``scores`` ``(n_test, n_train)`` = :math:`\\mathcal I_{\\text{up,loss}}`; ``s_test``
+    """``scores`` ``(n_test, n_train)`` = :math:`\\mathcal I_{\\text{up,loss}}` (``(n_test,
+    n_train, T)`` from :func:`token_influence`); ``s_test``
     ``(n_test, p)`` the inverse-curvature test gradients; ``solution`` the solve's stats."""
 
     scores: Array
@@ -143,5 +144,119 @@ def loo_test_loss_change(curv: Curvature, x_test: Array, y_test: Array,
     return (-out.scores + curv.l2 * (out.s_test @ curv.theta)[:, None]) / (n - 1)
 
 
+# --------------------------------------------------------------------------------------------
+# Per-token scores
+# --------------------------------------------------------------------------------------------
+
+
+def sequence_token_losses(logits: Array, y: Array) -> Array:
+    r"""The per-token terms of :func:`unlearn.objective.sequence_cross_entropy`, ``(n, T)``:
+    :math:`w_{it}\ell_{it}` with :math:`\ell_{it} = -\log\operatorname{softmax}(z_{it})_{y_{it}}`
+    and :math:`w_{it} = m_{it}/\max(\sum_s m_{is}, 1)`, :math:`m_{it} = 1[y_{it}\ge 0]`, so that
+    their sum over ``t`` is the per-sequence loss. Padding positions are exactly 0."""
+    mask = y >= 0
+    tok = objective.cross_entropy(logits, jnp.where(mask, y, 0))
+    m = mask.astype(tok.dtype)
+    return tok * (m / jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), 1.0))
+
+
+def token_losses_of(apply: Apply) -> Callable[[Array, Array], Array]:
+    """The per-token loss terms ``fn(outputs, y) -> (n, T)`` of ``apply``'s task: defined for
+    the sequence loss (:func:`sequence_token_losses`); any other loss raises ``ValueError``."""
+    loss = objective.loss_of(apply)
+    if loss.fn is objective.sequence_cross_entropy:
+        return sequence_token_losses
+    raise ValueError(f"per-token scores need a loss that is a sum of per-token terms; the task's "
+                     f"loss is {loss.name!r}. Use a task with loss 'sequence_cross_entropy', or "
+                     "pass token_loss=fn(outputs, y) -> (n, T) whose sum over T is the loss.")
+
+
+@functools.partial(jax.jit, static_argnames=("apply", "token_loss"))
+def _token_scores_chunk(apply: Apply, token_loss: Callable, params: Params, xc: Array,
+                        yc: Array, s: Array) -> Array:
+    theta, unravel = ravel_pytree(params)
+
+    def terms(t):
+        return token_loss(apply(unravel(t), xc), yc)  # (chunk, T)
+
+    _, lin = jax.linearize(terms, theta)
+    return jax.vmap(lin)(s.astype(theta.dtype))  # (m, chunk, T)
+
+
+def token_scores(apply: Apply, params: Params, x: Array, y: Array, s: Array,
+                 chunk_size: int = 64,
+                 token_loss: Callable[[Array, Array], Array] | None = None) -> Array:
+    r""":math:`S_{qit} = s_q^\top\nabla_\theta(w_{it}\ell_{it})` for every row :math:`s_q` of
+    ``s`` ``(m, p)``, every training sequence :math:`i` and every position :math:`t`: shape
+    ``(m, n, T)``. Since the per-sequence loss is :math:`\ell_i = \sum_t w_{it}\ell_{it}`
+    (:func:`sequence_token_losses`), ``token_scores(...).sum(-1)`` equals
+    :func:`influence_scores` (up to rounding), and a padding position (:math:`w_{it} = 0`)
+    scores exactly 0.
+
+    Computed like :func:`influence_scores`: per chunk of ``chunk_size`` sequences one
+    ``jax.linearize`` of the ``(chunk, T)`` per-token terms, ``vmap``-ed over the ``m``
+    directions (forward mode; memory :math:`O(m\cdot\text{chunk}\cdot T + \text{chunk
+    activations})`, no per-token gradients). ``token_loss``: ``fn(outputs, y) -> (n, T)``,
+    the task's per-token terms by default (:func:`token_losses_of`).
+    """
+    fn = token_losses_of(apply) if token_loss is None else token_loss
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}: pass a positive integer.")
+    s = jnp.asarray(s)
+    if s.ndim != 2:
+        raise ValueError(f"s must be (m, p) directions as rows; got shape {s.shape}.")
+    n = x.shape[0]
+    chunk = int(min(chunk_size, n))
+    out = []
+    for start in range(0, n, chunk):
+        xc, yc = x[start:start + chunk], y[start:start + chunk]
+        m = xc.shape[0]
+        if m < chunk:  # pad to the compiled shape
+            xc = jnp.concatenate([xc, jnp.repeat(xc[:1], chunk - m, axis=0)])
+            yc = jnp.concatenate([yc, jnp.repeat(yc[:1], chunk - m, axis=0)])
+        out.append(_token_scores_chunk(apply, fn, params, xc, yc, s)[:, :m])
+    return jnp.concatenate(out, axis=1)
+
+
+def token_influence(curv: Curvature, x_test: Array, y_test: Array,
+                    backend: Backend | InverseCurvature | None = None, *,
+                    damping: float = 0.0, chunk_size: int = 64,
+                    token_loss: Callable[[Array, Array], Array] | None = None) -> Influence:
+    r"""Per-token influence: ``scores[q, i, t]`` :math:`= -\nabla m(z^{\text{test}}_q)^\top
+    (H + \lambda_d I)^{-1}\nabla_\theta(w_{it}\ell_{it})`, shape ``(n_test, n_train, T)``, the
+    contribution of training sequence :math:`i`'s loss term at position :math:`t` to
+    :func:`influence_up_loss`'s score; ``scores.sum(-1)`` is that per-sequence score with the
+    same backend and damping, and padding positions score exactly 0.
+
+    **Which "token".** kronfluence (``compute_per_token_scores``; Grosse et al. 2023) attributes
+    to the position where a dense layer *acts*: :math:`\sum_{\text{layers}}\langle\hat G_q,
+    g_{i,t}a_{i,t}^\top\rangle` with :math:`g_{i,t}` the gradient of the whole sequence loss at
+    that layer's output at :math:`t` (later tokens' losses enter through attention). Here a
+    token is a *loss term*: position :math:`t`'s next-token prediction, with everything it
+    depends on (earlier positions through attention included). Chosen because (1) it is defined
+    for every parameter — embeddings, LayerNorm, any module and any backend, not just dense
+    layers under a Kronecker preconditioner; (2) it is the first-order effect of up-weighting
+    one target token's loss, the unit a user can remove or mask in training data; (3) it sums
+    exactly to the per-sequence score. Both definitions agree on the sum over :math:`t`.
+
+    The inverse-curvature products are one batched solve as in :func:`influence_up_loss`
+    (``s_test`` and ``solution`` returned alike); the scores are streamed by
+    :func:`token_scores` in chunks of ``chunk_size`` sequences.
+    """
+    fn = token_losses_of(curv.apply) if token_loss is None else token_loss
+    prepared = (backend if isinstance(backend, InverseCurvature)
+                else (Exact() if backend is None else backend).prepare(curv, damping))
+    g_test = example_gradients(curv.apply, curv.params, x_test, y_test, measure=True)
+    sol = prepared.apply(g_test)
+    if np.any(~np.asarray(sol.converged)):
+        warnings.warn(f"token influence ({prepared.backend.name}): solve did not converge, "
+                      f"relative residual {float(jnp.max(sol.residual)):.2e}", RuntimeWarning,
+                      stacklevel=2)
+    scores = -token_scores(curv.apply, curv.params, curv.x, curv.y, sol.x,
+                           chunk_size=chunk_size, token_loss=fn)
+    return Influence(scores, sol.x, sol)
+
+
 __all__ = ["Influence", "example_gradients", "influence_scores", "influence_up_loss",
-           "loo_test_loss_change"]
+           "loo_test_loss_change", "sequence_token_losses", "token_influence",
+           "token_losses_of", "token_scores"]
