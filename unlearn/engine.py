@@ -84,7 +84,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from unlearn import models
+from unlearn import distributed, models
 from unlearn.objective import objective
 
 Params = Any
@@ -678,13 +678,18 @@ def device_data(x, y, ids_hash: np.ndarray | None, dtype: str) -> Data:
 
 def place(tree, mesh, axis: int = 0):
     """Put axis ``axis`` (the member axis) of every leaf on the first axis of a
-    ``jax.sharding.Mesh`` (``NamedSharding``); identity without a mesh."""
+    ``jax.sharding.Mesh`` (``NamedSharding``); identity without a mesh. On a mesh over the
+    devices of several processes (:func:`unlearn.distributed.global_mesh`) every process
+    passes the same values and keeps only its own devices' members
+    (:func:`unlearn.distributed.shard_members`)."""
     if mesh is None:
         return tree
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
     mesh = Mesh(mesh.devices, mesh.axis_names)  # automatic (GSPMD) axes, whatever was passed
+    if distributed.spans_processes(mesh):
+        return distributed.shard_members(tree, mesh, axis)
     name = mesh.axis_names[0]
 
     def put(a):
@@ -724,6 +729,14 @@ def run(model, members: Members, data: Data, sched: Schedule, *, keys: jax.Array
     per_device = S // (1 if mesh is None else mesh.shape[mesh.axis_names[0]])
     counts = (np.int32(per_device), np.int32(sched.steps))
     data_args = (data.x, data.y, data.hashes)
+    if distributed.spans_processes(mesh):
+        # one program over every process's devices: all arguments global arrays (the same
+        # host values on every process), the results all-gathered so that every process
+        # holds every member (host code — checkpoints, np.asarray — runs unchanged)
+        members, aux, grad_mask, keys = place((members, aux, grad_mask, keys), mesh, 0)
+        counts, data_args = distributed.replicate((counts, data_args), mesh)
+        out = fn(counts, members, aux, grad_mask, keys, *data_args, place(arrays, mesh, 0))
+        return distributed.replicate(out, mesh)
     if _looped(prog):
         return fn(counts, members, aux, grad_mask, keys, *data_args, place(arrays, mesh, 0))
     # unrolled: per-member buffers in and out (see _unrolled), restacked once at the end
@@ -849,7 +862,7 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
                   strategy: str = "auto", weights: np.ndarray | None = None,
                   seeds: Sequence[int] | None = None, variables: Params | None = None,
                   augment: Callable | None = None, progress: bool = False,
-                  desc: str = "train") -> Trained:
+                  desc: str = "train", mesh=None) -> Trained:
     """Train S = ``len(keys)`` models at once; the engine's one minibatch trainer.
 
     Member s starts from ``variables[s]`` (stacked) or ``model.init(fold_in(keys[s], 0))``,
@@ -857,6 +870,13 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
     ``seeds[s]`` (default ``key_seed(keys[s])``), at learning rate ``lr[s]`` with weight decay
     ``l2[s]`` (scalars broadcast). Members with fewer batches take no-op steps. Raises
     ``FloatingPointError`` when any member diverges.
+
+    ``mesh``: a ``jax.sharding.Mesh`` whose first axis takes the member axis — one process's
+    devices, or every device of every process (:func:`unlearn.distributed.global_mesh`, after
+    :func:`unlearn.runtime.initialize`; every process makes the same call). The member axis is
+    padded with copies of member 0 to a multiple of the mesh size (dropped again); members are
+    independent, so each member's result is the same as without a mesh (bit-identical in
+    float32 and float64). On a multi-process mesh the result is replicated on every process.
     """
     from tqdm.auto import tqdm
 
@@ -869,14 +889,31 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
     if not (w > 0).any(axis=1).all():
         bad = np.nonzero(~(w > 0).any(axis=1))[0].tolist()
         raise ValueError(f"weights are all zero for member(s) {bad[:20]}: nothing to train on.")
+    seeds = key_seeds(keys) if seeds is None else list(seeds)
+    if len(seeds) != S:
+        raise ValueError(f"seeds has {len(seeds)} entries for {S} members; pass one per key.")
+    if mesh is not None:
+        pad = (-S) % int(np.asarray(mesh.devices).size)
+        if pad:  # dummy copies of member 0 fill the last devices; dropped below
+            rep = lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, 0)])  # noqa: E731
+            out = train_members(
+                model, x, y, ids_hash, rep(keys), epochs=epochs, batch_size=batch_size,
+                optimizer=optimizer, dtype=dtype, strategy=strategy, augment=augment,
+                lr=rep(jnp.broadcast_to(jnp.asarray(lr), (S,))),
+                l2=rep(jnp.broadcast_to(jnp.asarray(l2), (S,))),
+                weights=np.concatenate([w, np.repeat(w[:1], pad, 0)]),
+                seeds=seeds + seeds[:1] * pad,
+                variables=None if variables is None else jax.tree.map(rep, variables),
+                progress=progress, desc=desc, mesh=mesh)
+            info = {**out.info, "final_loss": out.info["final_loss"][:S]}
+            return Trained(take(out.members, np.arange(S)), info)
     data = device_data(x, y, ids_hash, dtype)
     if variables is None:
         variables = init_variables(model, data.x[:1], keys, dtype)
     variables = cast(variables, dtype)
-    members = init_members(variables, optimizer, lr)
+    members = place(init_members(variables, optimizer, lr), mesh)
     fdt = float_dtype(data.x, dtype=dtype)
     aux = {"l2": jnp.broadcast_to(jnp.asarray(l2, fdt), (S,))}
-    seeds = key_seeds(keys) if seeds is None else list(seeds)
     present = [np.nonzero(w[s] > 0)[0] for s in range(S)]
     hashes = [np.asarray(ids_hash)[p] for p in present]
     losses = []
@@ -890,7 +927,7 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
         sched = stack_schedules([(parts[first[s]],) for s in range(S)], batch_size, epoch=e)
         members, ls = run(model, members, data, sched, keys=keys, aux=aux,
                           optimizer=optimizer, dtype=dtype, strategy=strategy,
-                          augment=augment)
+                          augment=augment, mesh=mesh)
         losses.append(ls)
     last = losses[-1] if losses else None
     check_finite(members, last, "training",
