@@ -415,13 +415,14 @@ def _answer_texts(items: Sequence[QA], answer) -> tuple[list[str], list[str]]:
                              f"{j + 1} perturbed answers (persons have "
                              f"{PERTURBED['person']}, world facts {PERTURBED['world']}).")
         return [q.perturbed[j] for q in items], [f"{q.id}#perturbed{j}" for q in items]
-    elif isinstance(answer, list | tuple) and all(isinstance(a, str) for a in answer):
+    elif isinstance(answer, list) and all(isinstance(a, str) for a in answer):
         if len(answer) != len(items):
             raise ValueError(f"answer has {len(answer)} strings for {len(items)} items: pass "
                              "one answer text per item.")
         return list(answer), [f"{q.id}#alt" for q in items]
     raise ValueError(f"answer={answer!r} is not a valid answer spec: pass 'answer', "
-                     "'paraphrase', ('perturbed', j) or a list of strings (one per item).")
+                     "'paraphrase', ('perturbed', j) with an integer j, or a list of strings "
+                     "(one per item).")
 
 
 def _check_items(items) -> list[QA]:
@@ -443,10 +444,11 @@ def encode(items: Sequence[QA], tok: data.CharTokenizer, *, seq_len: int,
     ``t``), both right-padded to ``seq_len`` (``x`` with ``<pad>``, ``y`` with -1). ``y`` is
     -1 on every prompt position, so the labelled positions are exactly the answer characters
     and the final ``<eos>`` (TOFU's labels, llm-unlearning.md §1.1). ``answer``:
-    ``"answer"``, ``"paraphrase"``, ``("perturbed", j)`` or a list of strings (one per item,
-    e.g. :data:`IDK` answers). ids: the QA id for ``"answer"``, else ``<qa id>#paraphrase``,
-    ``<qa id>#perturbed<j>`` or ``<qa id>#alt``. A sequence longer than ``seq_len`` raises,
-    naming the item and the length it needs.
+    ``"answer"``, ``"paraphrase"``, ``("perturbed", j)`` or a ``list`` of strings (one per
+    item, e.g. :data:`IDK` answers; a tuple is read as a ``("perturbed", j)`` spec). ids:
+    the QA id for ``"answer"``, else ``<qa id>#paraphrase``, ``<qa id>#perturbed<j>`` or
+    ``<qa id>#alt``. A sequence longer than ``seq_len`` raises, naming the item and the
+    length it needs.
     """
     items = _check_items(items)
     seq_len = _int_arg("seq_len", seq_len, 2)
