@@ -126,6 +126,36 @@ def test_forget_equals_training_without(setting, case):
         assert new.shard_sizes()[3] == 0 and stats["points_retrained"] == 0
 
 
+def test_grouped_layout_keeps_each_group_in_one_shard_and_slice(setting):
+    """SISA over groups (persons): every example of a group shares a shard and a slice, the
+    groups (not the examples) are dealt round-robin, forgetting a whole group retrains one
+    shard and equals training without it from scratch (bit for bit); bad groups are refused."""
+    m, tr, cfg, plan, key, _, test = setting
+    groups = np.array([f"g{i % 37}" for i in range(len(tr))])  # 37 groups of 6-7 examples
+    lay = sisa.make_layout(plan, tr, key, groups)
+    for g in np.unique(groups):
+        rows = groups == g
+        assert len(np.unique(lay.shard[rows])) == 1 and len(np.unique(lay.slice[rows])) == 1
+    per_shard = np.bincount([lay.shard[groups == g][0] for g in np.unique(groups)], minlength=4)
+    assert per_shard.max() - per_shard.min() <= 1, per_shard  # groups dealt round-robin
+    again = sisa.make_layout(plan, tr, key, groups)
+    assert np.array_equal(lay.shard, again.shard) and np.array_equal(lay.slice, again.slice)
+    st = sisa.train(m, tr, cfg, plan, key, layout=lay)
+    U = tr.ids[groups == "g5"]
+    new, stats = sisa.forget(st, U)
+    assert stats["shards_retrained"] == 1
+    scratch = sisa.train(m, tr.without(U), cfg, plan, key, layout=lay)
+    assert _max_diff(new.ckpts, scratch.ckpts) == 0.0
+    with pytest.raises(ValueError, match="groups must hold one key per example"):
+        sisa.make_layout(plan, tr, key, groups[:-1])
+    with pytest.raises(ValueError, match="non-empty strings"):
+        sisa.make_layout(plan, tr, key, np.arange(len(tr)))
+    with pytest.raises(ValueError, match="number of groups"):
+        sisa.make_layout(sisa.Plan(4, 1), tr, key, np.array(["a", "b"] * 120 + ["c"]))
+    with pytest.raises(ValueError, match="assignment='uniform'"):
+        sisa.make_layout(sisa.Plan(4, 1, "class_balanced"), tr, key, groups)
+
+
 def test_sequential_forgets_and_input_not_mutated(setting):
     m, tr, cfg, plan, key, st, _ = setting
     before = [np.array(a) for a in jax.tree.leaves(st.ckpts)]

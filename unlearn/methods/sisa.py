@@ -10,9 +10,11 @@ task that is not a classifier, e.g. squared-error regression). Defaults: 4 shard
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 
 from unlearn import sisa as sisa_lib
 from unlearn.data import as_ids
@@ -29,16 +31,26 @@ class SisaMethodState(NamedTuple):
 
 
 def sisa(shards: int = 4, slices: int = 2, assignment: str = "uniform",
-         aggregation: str = "mean_prob", strategy: str = "auto") -> Unlearner:
-    """SISA with ``shards`` × ``slices``, aggregated by ``mean_prob`` or ``vote``."""
+         aggregation: str = "mean_prob", strategy: str = "auto",
+         groups: Callable[[np.ndarray], np.ndarray] | None = None) -> Unlearner:
+    """SISA with ``shards`` × ``slices``, aggregated by ``mean_prob`` or ``vote``.
+
+    ``groups``: a function of the training ids giving each one's group (e.g.
+    ``unlearn.people.Benchmark.person_of``: SISA over persons) — whole groups are dealt to
+    shards and slices (:func:`unlearn.sisa.make_layout`), so forgetting a person retrains one
+    shard."""
     plan = sisa_lib.Plan(shards, slices, assignment)
     if aggregation not in ("mean_prob", "vote"):
         raise ValueError(f"aggregation={aggregation!r}: choose 'mean_prob' or 'vote'.")
+    if groups is not None and not callable(groups):
+        raise ValueError(f"groups={groups!r}: pass a function ids -> group keys (or None).")
 
     def prepare(problem: Problem, trained: Fit) -> SisaMethodState:
         del trained  # SISA trains its own ensemble in place of θ*
+        layout = None if groups is None else sisa_lib.make_layout(
+            plan, problem.train, problem.key, groups(np.asarray(problem.train.ids)))
         ens = sisa_lib.train(problem.model, problem.train, problem.cfg, plan, problem.key,
-                             strategy=strategy)
+                             strategy=strategy, layout=layout)
         return SisaMethodState(problem, ens)
 
     def forget(state: SisaMethodState, forget_ids, key):

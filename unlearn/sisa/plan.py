@@ -93,14 +93,61 @@ def slice_epochs(epochs: int, slices: int) -> list[int]:
     return e
 
 
-def make_layout(plan: Plan, ds: Dataset, key: jax.Array) -> Layout:
-    """Assign every example of ``ds`` to a shard and a slice (seeded by ``key``)."""
+def _check_groups(groups, ds: Dataset, plan: Plan) -> np.ndarray:
+    g = np.asarray(groups)
+    if g.shape != (len(ds),):
+        raise ValueError(f"groups must hold one key per example, shape ({len(ds)},); got "
+                         f"{g.shape}.")
+    if g.dtype.kind not in "UO" or not all(isinstance(v, str) and v for v in g.tolist()):
+        raise ValueError("groups must be non-empty strings (e.g. the person each example is "
+                         "about); got " + repr(g[:5].tolist()))
+    if plan.assignment != "uniform":
+        raise ValueError(f"groups are dealt uniformly to shards; assignment="
+                         f"{plan.assignment!r} cannot also balance classes: pass "
+                         "assignment='uniform'.")
+    if plan.overlap:
+        raise ValueError(f"groups with overlap={plan.overlap}: overlapping slices would split "
+                         "a group across slices; pass overlap=0.")
+    return g.astype(str)
+
+
+def _grouped_layout(plan: Plan, ds: Dataset, seed: int, h: np.ndarray,
+                    groups: np.ndarray) -> Layout:
+    """Whole groups dealt round-robin to shards and cut into slices (the group-level analogue
+    of ``uniform``): every example of a group shares one shard and one slice, so forgetting a
+    group (a person) retrains one shard from one slice."""
+    keys, inverse = np.unique(groups, return_inverse=True)
+    if plan.shards > len(keys):
+        raise ValueError(f"shards={plan.shards} is larger than the number of groups "
+                         f"({len(keys)}): use at most one shard per group.")
+    gh = stable_hash(keys)
+    shard_g = np.zeros(len(keys), np.int64)
+    shard_g[epoch_order(gh, seed, 0, _SALT_SHARD)] = np.arange(len(keys)) % plan.shards
+    slice_g = np.zeros(len(keys), np.int64)
+    R = plan.slices
+    for s in range(plan.shards):
+        rows = np.nonzero(shard_g == s)[0]
+        rows = rows[epoch_order(gh[rows], seed, 0, _SALT_SLICE, s)]
+        ends = np.array([round(len(rows) * (r + 1) / R) for r in range(R)])
+        slice_g[rows] = np.searchsorted(ends, np.arange(len(rows)), side="right")
+    return Layout(np.asarray(ds.ids, str), shard_g[inverse], np.minimum(slice_g, R - 1)[inverse],
+                  h)
+
+
+def make_layout(plan: Plan, ds: Dataset, key: jax.Array, groups=None) -> Layout:
+    """Assign every example of ``ds`` to a shard and a slice (seeded by ``key``).
+
+    ``groups`` (optional, one string per example, e.g. the person a question is about): whole
+    groups are dealt to shards and slices instead of single examples, so that forgetting
+    every example of a group touches one shard (SISA over persons)."""
     n = len(ds)
     if plan.shards > n:
         raise ValueError(f"shards={plan.shards} is larger than the data ({n} examples): "
                          "use at most one shard per example (far fewer in practice).")
     seed = key_seed(key)
     h = stable_hash(ds.ids)
+    if groups is not None:
+        return _grouped_layout(plan, ds, seed, h, _check_groups(groups, ds, plan))
     shard = np.zeros(n, np.int64)
     if plan.assignment == "uniform":
         order = epoch_order(h, seed, 0, _SALT_SHARD)
