@@ -373,3 +373,48 @@ def test_integer_token_inputs_keep_l2_and_float_losses():
     assert na < nb, (na, nb)
     assert isinstance(a.info["final_loss"], float) and a.info["final_loss"] != round(
         a.info["final_loss"])
+
+
+def test_tfds_text_windows_through_mocked_data_source(tmp_path):
+    """data.load('tiny_shakespeare') reads the records through tfds.data_source (mocked with
+    literal texts) and cuts each into next-token windows: checked against Python string
+    slicing — window k of a record reads c[8k:8k+8] and predicts c[8k+1:8k+9] (the last
+    character is a target only), the last window padded, no window across records, none for a
+    1-character record; ids split/record/window;
+    the default vocabulary is the sorted characters of both splits."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    texts = {"train": ["First Citizen:\nBefore we proceed", "ab", "x"],
+             "test": ["To be, or not"]}
+
+    def source(builder, split, *args, **kwargs):
+        return [{"text": t} for t in texts[str(split)]]
+
+    with tfds.testing.mock_data(as_data_source_fn=source):
+        s = data.load("tiny_shakespeare", seq_len=8)
+    chars = sorted(set("".join(texts["train"] + texts["test"])))
+    assert s.train.classes == ("<pad>", "<bos>", "<eos>", *chars)
+    assert s.train.num_classes == len(chars) + 3 and s.train.targets == "tokens"
+    tok = data.CharTokenizer("".join(chars))
+    assert s.train.ids.tolist() == ["train/0/0", "train/0/1", "train/0/2", "train/0/3",
+                                    "train/1/0"]
+    assert s.test.ids.tolist() == ["test/0/0", "test/0/1"]
+    for ds, record_texts in ((s.train, texts["train"]), (s.test, texts["test"])):
+        for row, wid in enumerate(ds.ids):
+            _, r, k = wid.split("/")
+            c, k = record_texts[int(r)], int(k)
+            xs, ys = c[8 * k: min(8 * k + 8, len(c) - 1)], c[8 * k + 1: 8 * k + 9]
+            assert tok.decode(ds.x[row]) == xs and tok.decode(ds.y[row]) == ys
+            assert (ds.y[row, len(ys):] == -1).all() and (ds.x[row, len(xs):] == tok.PAD).all()
+            assert (ds.y[row, : len(ys)] >= 0).all()
+    np.testing.assert_array_equal(s.train.x[4], [tok.encode("a")[0]] + [0] * 7)
+    np.testing.assert_array_equal(s.train.y[4], [tok.encode("b")[0]] + [-1] * 7)
+    with tfds.testing.mock_data(as_data_source_fn=source):
+        with pytest.raises(ValueError, match=r"\['\\n'"):
+            data.load("tiny_shakespeare", seq_len=8,
+                      tokenizer=data.CharTokenizer("".join(c for c in chars if c != "\n")))
+        with pytest.raises(ValueError, match="seq_len"):
+            data.load("tiny_shakespeare", seq_len=0)
+        few = data.tfds_text("tiny_shakespeare", seq_len=4, max_windows=2)
+        assert few.train.ids.tolist() == ["train/0/0", "train/0/1"]
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        data.load("tiny_shakespeare", data_dir=str(tmp_path))

