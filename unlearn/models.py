@@ -647,3 +647,29 @@ def transformer(vocab: int, width: int = 32, depth: int = 2, heads: int = 2,
 
 
 REGISTRY["transformer"] = transformer
+
+
+def hidden_states(task: Model, variables: Mapping[str, Any], x: jax.Array,
+                  layer: int) -> jax.Array:
+    """The residual stream after block ``layer`` of a :func:`transformer`: the output of its
+    submodule ``block_{layer}``, shape ``(n, T, width)`` (before the final LayerNorm when
+    ``layer = depth − 1``). HuggingFace's ``model.layers[layer]`` output, which RMU steers
+    (Li et al. 2024; ``unlearn.methods.rmu``).
+
+    Read with flax's ``capture_intermediates`` on that submodule; the transformer's outputs and
+    parameters are the model's own (``variables`` as from ``task.init``). Differentiable in
+    ``variables``; under ``jit`` the unused later blocks are dropped as dead code.
+    """
+    spec = getattr(task, "spec", None)
+    if spec is None or spec[0] != "transformer":
+        raise ValueError(f"hidden_states needs a models.transformer task; got "
+                         f"{getattr(task, 'name', task)!r}.")
+    kw = dict(spec[1])
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < kw["depth"]:
+        raise ValueError(f"layer={layer!r} must be an int in [0, depth={kw['depth']}).")
+    name = f"block_{layer}"
+    _, state = _Transformer(**kw).apply(
+        {"params": variables["params"]}, x,
+        capture_intermediates=lambda mdl, method: mdl.name == name and method == "__call__",
+        mutable=["intermediates"])
+    return state["intermediates"][name]["__call__"][0]
