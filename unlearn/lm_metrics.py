@@ -85,13 +85,14 @@ def _vector(a, name: str, *, ndim: int = 1) -> np.ndarray:
 
 @jax.jit
 def _token_stats(logits: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
-    """Per-token quantities of one batch, in float32.
+    """Per-token quantities of one batch (in float32, or the logits' wider float type).
 
     ``lp``: log p(y_t) at labelled positions (0 elsewhere); ``z``: the Min-K%++ normalised
     log-prob (lp − μ_t)/σ_t; ``correct``: argmax_v p_t(v) == y_t; ``labelled``: y_t ≥ 0;
     ``keep``: the §1.3 positions (labelled but not the last labelled one of the row).
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)),
+                              axis=-1)
     labelled = y >= 0
     lp = jnp.take_along_axis(logp, jnp.where(labelled, y, 0)[..., None], axis=-1)[..., 0]
     lp = jnp.where(labelled, lp, 0.0)
@@ -149,20 +150,23 @@ def _generate(apply, params, buf, lengths, *, max_new_tokens: int, eos: int, pad
     n, width = buf.shape
     rows = jnp.arange(n)
 
-    def step(k, carry):
-        buf, out, done = carry
+    def step(carry):
+        k, buf, out, done = carry
         logits = apply(params, buf)
         nxt = jnp.argmax(logits[rows, lengths - 1 + k], axis=-1).astype(buf.dtype)
         out = out.at[:, k].set(jnp.where(done, pad, nxt))
         pos = lengths + k
         safe = jnp.minimum(pos, width - 1)
         buf = buf.at[rows, safe].set(jnp.where(pos < width, nxt, buf[rows, safe]))
-        return buf, out, done | (nxt == eos)
+        return k + 1, buf, out, done | (nxt == eos)
+
+    def more(carry):  # stop early once every row has produced its eos
+        k, _, _, done = carry
+        return (k < max_new_tokens) & ~jnp.all(done)
 
     out = jnp.full((n, max_new_tokens), pad, buf.dtype)
-    done = jnp.zeros((n,), bool)
-    _, out, _ = jax.lax.fori_loop(0, max_new_tokens, step, (buf, out, done))
-    return out
+    init = (jnp.asarray(0, jnp.int32), buf, out, jnp.zeros((n,), bool))
+    return jax.lax.while_loop(more, step, init)[2]
 
 
 def greedy_generate(apply: Apply, params: Params, x, lengths, *, max_new_tokens: int,
@@ -174,8 +178,9 @@ def greedy_generate(apply: Apply, params: Params, x, lengths, *, max_new_tokens:
     position ``lengths[i] − 1 + k`` and is placed at position ``lengths[i] + k`` for the next
     step (OU ``configs/generation/default.yaml``: ``do_sample: False``). Each row stops at its
     first ``eos``: the ``eos`` is kept and every later token is ``pad`` (−1 by default, which
-    :meth:`unlearn.data.CharTokenizer.decode` drops). One jitted ``lax.fori_loop`` recomputes
-    the full causal forward pass each step (no KV cache; fine for tiny models).
+    :meth:`unlearn.data.CharTokenizer.decode` drops). One jitted ``lax.while_loop``
+    recomputes the full causal forward pass each step (no KV cache; fine for tiny models) and
+    stops once every row of the chunk has produced ``eos``.
 
     The model sees a buffer of width ``max(lengths) + max_new_tokens − 1`` (the last token is
     never fed back), so that must not exceed the model's ``max_len`` (the transformer raises
