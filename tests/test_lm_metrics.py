@@ -485,7 +485,7 @@ def _bigram_model(tok, texts):
     def apply(params, x):
         return params["w"][x]
 
-    return apply, {"w": jnp.asarray(table)}
+    return apply, {"w": jnp.asarray(table)}, table
 
 
 def test_evaluate_tofu_glue_against_direct_computation(monkeypatch):
@@ -495,14 +495,14 @@ def test_evaluate_tofu_glue_against_direct_computation(monkeypatch):
     monkeypatch.setattr(unlearn, "people", fake, raising=False)
     bench, splits = _fake_bench()
     trained = splits["forget05"] + splits["retain_eval"] + splits["world"]
-    apply, params = _bigram_model(tok, [fake.prompt(q) + q.answer for q in trained])
+    apply, params, table = _bigram_model(tok, [fake.prompt(q) + q.answer for q in trained])
     seq_len, new = 64, 24
     res = lm.evaluate_tofu(apply, params, bench, "forget05", tok, seq_len=seq_len,
                            max_new_tokens=new, batch_size=7)
 
     def losses(items, answer="answer"):
         d = fake.encode(items, tok, seq_len=seq_len, answer=answer)
-        return lm.avg_loss(np.asarray(apply(params, d.x)), d.y), d
+        return lm.avg_loss(table[d.x], d.y), d   # the model's logits, computed in numpy
 
     f_ans, f_d = losses(splits["forget05"])
     assert res["forget_prob"] == pytest.approx(np.mean(np.exp(-f_ans)), rel=1e-6)
@@ -521,7 +521,7 @@ def test_evaluate_tofu_glue_against_direct_computation(monkeypatch):
         seq = list(tok.encode(fake.prompt(q), bos=True))
         out = []
         for _ in range(new):
-            nxt = int(np.asarray(apply(params, jnp.asarray([seq])))[0, -1].argmax())
+            nxt = int(table[seq[-1]].argmax())   # the bigram model's last-position logits
             if nxt == tok.EOS:
                 break
             out.append(nxt)
@@ -535,12 +535,12 @@ def test_evaluate_tofu_glue_against_direct_computation(monkeypatch):
     h_ans, h_d = losses(splits["holdout05"])
     labels = np.r_[np.zeros(len(f_ans)), np.ones(len(h_ans))]
     assert res["mia_loss_auc"] == pytest.approx(roc_auc_score(labels, np.r_[f_ans, h_ans]))
-    lp_f, m_f = lm.token_logprobs(np.asarray(apply(params, f_d.x)), f_d.y)
-    lp_h, m_h = lm.token_logprobs(np.asarray(apply(params, h_d.x)), h_d.y)
+    lp_f, m_f = lm.token_logprobs(table[f_d.x], f_d.y)
+    lp_h, m_h = lm.token_logprobs(table[h_d.x], h_d.y)
     mk = np.r_[lm.mia_min_k(lp_f, m_f), lm.mia_min_k(lp_h, m_h)]
     assert res["mia_min_k_auc"] == pytest.approx(roc_auc_score(labels, mk))
     assert res["privleak"] == pytest.approx(lm.privleak(res["mia_min_k_auc"], 0.5))
-    es = lm.extraction_strength(np.asarray(apply(params, f_d.x)), f_d.y)
+    es = lm.extraction_strength(table[f_d.x], f_d.y)
     assert res["extraction_strength"] == pytest.approx(es.mean())
 
     util = [res[k] for k in ("retain_prob", "retain_rouge", "retain_truth_ratio", "world_prob",
@@ -582,5 +582,9 @@ def test_evaluate_tofu_end_to_end_on_people():
     for k in ("forget_prob", "retain_prob", "world_prob", "mia_loss_auc", "mia_min_k_auc",
               "extraction_strength"):
         assert 0.0 <= res[k] <= 1.0, k
-    # an untrained model: Prob ≈ a per-token probability near 1/vocab for every set
+    # the batched pass agrees with a direct one on people.encode's sequences
+    d = people.encode(bench.items("forget10"), tok, seq_len=seq_len)
+    direct = lm.probability(np.asarray(jax.jit(model.apply)(params, d.x)), d.y)
+    assert res["forget_prob"] == pytest.approx(direct.mean(), rel=1e-5)
+    # an untrained model: a per-token probability near 1/vocab
     assert res["forget_prob"] < 5.0 / len(tok)
