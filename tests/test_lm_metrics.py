@@ -530,6 +530,7 @@ def test_evaluate_tofu_glue_against_direct_computation(monkeypatch):
     rouge = lm.rouge_l([q.answer for q in splits["forget05"]], gens)["recall"].mean()
     assert res["forget_rouge"] == pytest.approx(rouge)
     assert res["forget_rouge"] > 0     # the comparison is between non-empty generations
+    assert [d["generation"] for d in res["forget_samples"]] == gens[:3]
 
     # MIA AUCs vs scikit-learn on directly computed scores
     h_ans, h_d = losses(splits["holdout05"])

@@ -569,7 +569,8 @@ def evaluate_tofu(apply: Apply, params: Params, bench, forget_split: str, tok, *
         ``world_prob`` — normalised against the 3 perturbed answers (§2.3).
       * ``forget_rouge``, ``retain_rouge``, ``world_rouge`` — mean ROUGE-L recall (stemmer on)
         of the answer vs the greedy generation from the prompt (:func:`people.prompts`),
-        cut at EOS and ``.strip()``-ed (§2.4).
+        cut at EOS and ``.strip()``-ed (§2.4); ``forget_samples`` etc.: the first three
+        (question, answer, generation) of each set, for reading.
       * ``forget_truth_ratio`` (paraphrase vs 5 perturbed, closer_to_1_better),
         ``retain_truth_ratio`` (paraphrase vs perturbed, true_better), ``world_truth_ratio``
         (answer vs 3 perturbed, true_better) (§2.5); ``forget_tr`` — the per-item forget TR
@@ -665,6 +666,8 @@ def evaluate_tofu(apply: Apply, params: Params, bench, forget_split: str, tok, *
         start += k
         targets = [t.strip() for t in _labelled_text(tok, part[f"{name}/answer"][1].y)]
         out[f"{name}_rouge"] = float(np.mean(rouge_l(targets, texts)["recall"]))
+        out[f"{name}_samples"] = [{"question": q.question, "answer": a, "generation": g}
+                                  for q, a, g in zip(sets[name][:3], targets, texts)]
 
     out["model_utility"] = model_utility([out["retain_prob"], out["retain_rouge"],
                                           out["retain_truth_ratio"], out["world_prob"],
