@@ -198,7 +198,9 @@ def check_model(model, ds: Dataset, dtype: str = "float32") -> None:
     params = jax.eval_shape(model.init, jax.random.key(0), x1)
     out = jax.eval_shape(model.apply, params, x1)
     k = out.shape[-1] if out.ndim else 0
-    if out.ndim != 2 or k != ds.num_classes:
+    # one logit per class per example; for token targets one per vocabulary entry per position
+    ndim = 3 if getattr(ds, "targets", "classes") == "tokens" else 2
+    if out.ndim != ndim or k != ds.num_classes:
         raise ValueError(f"model outputs shape {out.shape[1:]} per example but the data has "
                          f"{ds.num_classes} classes: build the model with num_classes="
                          f"{ds.num_classes} (e.g. models.make(name, {ds.num_classes})).")
