@@ -29,8 +29,10 @@ the corpus is the same on every machine; :meth:`Benchmark.digest` is a SHA-256 o
 JSON of everything. Person ``k``'s name, facts, question choices and perturbed answers depend
 only on ``(seed, k)``, not on ``persons`` or ``facts``.
 
-Sequences follow TOFU's convention (``docs/../llm-unlearning.md`` §1.1): ``<bos> prompt answer
-<eos>`` with the labels on the answer characters and the final ``<eos>`` only.
+Sequences follow TOFU's convention (labels = answer tokens + ``<eos>``, the question masked:
+OpenUnlearning's ``preprocess_chat_instance``; the project's llm-unlearning notes §1.1):
+``<bos> prompt answer <eos>`` with the labels on the answer characters and the final ``<eos>``
+only.
 """
 
 from __future__ import annotations
