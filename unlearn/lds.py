@@ -156,9 +156,15 @@ def train_subset_models(problem: Problem, masks: np.ndarray, key: jax.Array) -> 
     ``train.fit(problem.model, problem.train, problem.cfg, fold_in(key, s),
     weights=masks[s])``, all M trained at once (module docstring). L-BFGS members that stop at
     ``cfg.max_iter`` above ``cfg.tol`` are reported by a ``RuntimeWarning``."""
+    w = _check_masks(masks, len(problem.train))
+    return _train_members(problem, w, [jax.random.fold_in(key, s) for s in range(len(w))],
+                          "subset")
+
+
+def _train_members(problem: Problem, w: np.ndarray, keys: list, what: str) -> Params:
+    """Stacked variables of ``train.fit(problem.model, problem.train, problem.cfg, keys[s],
+    weights=w[s])`` for every row ``s``: one engine ensemble (SGD) or one ``vmap``-ed L-BFGS."""
     model, data, cfg = problem.model, problem.train, problem.cfg
-    w = _check_masks(masks, len(data))
-    keys = [jax.random.fold_in(key, s) for s in range(len(w))]
     if cfg.solver == "sgd":
         return train_ensemble(model, data, cfg, keys, w)
     if engine.has_state(model):
@@ -173,10 +179,10 @@ def train_subset_models(problem: Problem, masks: np.ndarray, key: jax.Array) -> 
                                    cfg.max_iter)
     gnorm = np.asarray(gnorm)
     if not np.all(np.isfinite(gnorm)):
-        raise FloatingPointError("L-BFGS produced non-finite params for subset model(s) "
+        raise FloatingPointError(f"L-BFGS produced non-finite params for {what} model(s) "
                                  f"{np.nonzero(~np.isfinite(gnorm))[0][:10].tolist()}.")
     if np.any(gnorm > cfg.tol):
-        warnings.warn(f"{int(np.sum(gnorm > cfg.tol))} of {len(w)} subset models stopped at "
+        warnings.warn(f"{int(np.sum(gnorm > cfg.tol))} of {len(w)} {what} models stopped at "
                       f"max_iter={cfg.max_iter} with gradient norm up to {gnorm.max():.2e} > "
                       f"tol={cfg.tol:g}", RuntimeWarning, stacklevel=2)
     return out
@@ -201,6 +207,44 @@ def subset_outputs(problem: Problem, masks: np.ndarray, x_test, y_test,
                          f"{len(x_test)} and {len(y_test)} rows.")
     stacked = train_subset_models(problem, masks, key)
     return stacked_measure(problem.model, stacked, x_test, y_test, problem.cfg.dtype)
+
+
+def loo_outputs(problem: Problem, positions: Sequence[int], x_test,
+                y_test) -> tuple[np.ndarray, np.ndarray]:
+    r"""Leave-one-out retraining as one ensemble: ``(actual, full)``.
+
+    Member ``k`` is the exact-unlearning oracle without training example ``positions[k]``,
+    :func:`unlearn.train.retrain` ``(problem, [ids[positions[k]]])`` — the same key, hence the
+    same initialisation and data-order rule (dropping an id keeps the relative order of the
+    rest), so the removed point is the only difference; one more member trains on all of
+    ``problem.train`` (``train.train(problem)``, the control). All ``K + 1`` train at once
+    (:func:`_train_members`: one engine ensemble for SGD, one ``vmap``-ed L-BFGS otherwise).
+
+    Returns ``actual`` ``(K, n_test)`` float64, :math:`f(z_t;\theta^*(D\setminus z_{i_k}))
+    - f(z_t;\theta^*(D))` (the task's measurement, eval mode), and ``full`` ``(n_test,)``, the
+    control's :math:`f(z_t;\theta^*(D))`. To first order (Koh & Liang 2017, §2.1) ``actual[k,
+    t]`` :math:`\approx -\mathcal I_{\text{up}}(z_{i_k}, z_t)/n` — minus the scores of
+    :func:`unlearn.influence.influence_up_loss` over ``n``. With SGD on a non-convex model the
+    removal also shifts every later batch by one example, so ``actual`` carries training noise
+    of the same order as the effect (Bae et al. 2022, "If influence functions are the answer,
+    then what is the question?").
+    """
+    n = len(problem.train)
+    pos = np.asarray(positions)
+    if pos.ndim != 1 or len(pos) == 0 or not np.issubdtype(pos.dtype, np.integer) \
+            or pos.min() < 0 or pos.max() >= n or len(np.unique(pos)) != len(pos):
+        raise ValueError(f"positions must be distinct integer rows of problem.train in [0, {n}); "
+                         f"got {np.asarray(positions)!r}.")
+    if n < 2:
+        raise ValueError("problem.train needs at least 2 examples to leave one out.")
+    if len(x_test) != len(y_test) or len(x_test) == 0:
+        raise ValueError(f"x_test and y_test must be non-empty with one row per example; got "
+                         f"{len(x_test)} and {len(y_test)} rows.")
+    w = np.ones((len(pos) + 1, n), np.float32)
+    w[np.arange(len(pos)), pos] = 0.0  # the last member keeps every example: the control
+    stacked = _train_members(problem, w, [problem.key] * len(w), "leave-one-out")
+    out = stacked_measure(problem.model, stacked, x_test, y_test, problem.cfg.dtype)
+    return out[:-1] - out[-1], out[-1]
 
 
 # ----------------------------------------------------------------------------- the score
@@ -386,5 +430,5 @@ def evaluate_backends(problem: Problem, trained: Fit, split: Split,
 
 
 __all__ = ["CI_LEVEL", "LDS", "evaluate_backends", "influence_curvature", "predicted_outputs",
-           "rank_average", "score", "spearman", "stacked_measure", "subset_masks",
+           "loo_outputs", "rank_average", "score", "spearman", "stacked_measure", "subset_masks",
            "subset_outputs", "subset_size", "t_interval", "train_subset_models"]
