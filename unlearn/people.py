@@ -516,7 +516,9 @@ def stats(bench: Benchmark, tok: data.CharTokenizer) -> dict:
     split, the training set's sequence tokens (``<bos>`` .. ``<eos>``) and labelled tokens
     (answers + ``<eos>``), the vocabulary size, and the smallest ``seq_len`` that fits the
     training answers (``seq_len_train``) and every QA with every answer variant
-    (answer, paraphrase, perturbed, the longest :data:`IDK`; ``seq_len_all``)."""
+    (answer, paraphrase, perturbed, the longest :data:`IDK`; ``seq_len_all``), and the
+    longest ``<bos> prompt`` in tokens (``max_prompt_len``: the largest length
+    :func:`prompts` returns). Raises if a text of the corpus is outside ``tok``."""
     train = trained(bench)
     for q in bench.qa:  # every text must be encodable
         for text in (prompt(q), q.answer, q.paraphrase, *q.perturbed):
