@@ -229,6 +229,8 @@ def test_training_set_and_stats(bench):
         people.encode(bench.qa, tok, seq_len=st["seq_len_all"], answer=spec)
     longest = max(people.IDK, key=len)
     people.encode(bench.qa, tok, seq_len=st["seq_len_all"], answer=[longest] * len(bench.qa))
+    _, lengths = people.prompts(bench.qa, tok, seq_len=st["seq_len_all"])
+    assert st["max_prompt_len"] == lengths.max()
     # the default corpus stays short enough for a small char model
     assert st["seq_len_all"] <= 96
     # the retain oracle's data: the same rows minus the forget persons
