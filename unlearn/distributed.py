@@ -27,6 +27,7 @@ Layer 0: imports only jax and numpy.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -164,9 +165,14 @@ def _put(a, sharding: NamedSharding) -> jax.Array:
     if isinstance(a, jax.Array) and a.sharding == sharding:
         return a
     if isinstance(a, jax.Array) and not a.is_fully_addressable:
-        return jax.jit(lambda v: v, out_shardings=sharding)(a)  # a reshard, no host copy
+        return call_together(_reshard(sharding), a)  # a reshard, no host copy
     host = np.asarray(a)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+@functools.cache
+def _reshard(sharding: NamedSharding):
+    return jax.jit(lambda v: v, out_shardings=sharding)
 
 
 def shard_members(tree: PyTree, mesh: Mesh, axis: int = 0) -> PyTree:
@@ -202,6 +208,39 @@ def spans_processes(mesh: Mesh | None) -> bool:
     return len({d.process_index for d in _devices(mesh)}) > 1
 
 
+_BARRIERS = [0]
+
+
+def barrier(timeout_s: float = 1800.0) -> None:
+    """Wait until every process reaches this call: a barrier of the coordination service
+    (no device collective); nothing with one process. Every process must make the same
+    sequence of calls (the barriers are numbered in call order)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as _jd
+
+    _BARRIERS[0] += 1
+    _jd.global_state.client.wait_at_barrier(f"unlearn-barrier-{_BARRIERS[0]}",
+                                            int(timeout_s * 1000))
+
+
+def call_together(fn, *args):
+    """``fn(*args)`` (a jitted function of global arrays), compiled first and dispatched by
+    every process after a :func:`barrier`.
+
+    Why: gloo gives a process 30 s to meet its peers at a collective (context set-up
+    included, not configurable in jax 0.10.2); a process that compiles a big program while
+    its peers already wait in the collective — a loaded machine, or one process compiling
+    from the persistent cache and another not — fails with ``DEADLINE_EXCEEDED``. Compiling
+    before the barrier leaves only the execution between it and the collectives. The
+    compiled program is cached by ``jax.jit``, so later calls cost one barrier round trip."""
+    if jax.process_count() == 1:
+        return fn(*args)
+    exe = fn.lower(*args).compile()
+    barrier()
+    return exe(*args)
+
+
 def gather(tree: PyTree) -> PyTree:
     """Every leaf as a NumPy array holding the global value, on every process: a fully
     addressable or replicated array is read directly, a sharded global one is all-gathered
@@ -227,5 +266,6 @@ def unpad(a, examples: Examples, axis: int = 0) -> np.ndarray:
     return np.take(a, keep[np.argsort(examples.rows[keep])], axis=axis)
 
 
-__all__ = ["Examples", "example_rows", "gather", "global_mesh", "put_local", "replicate",
-           "shard_examples", "shard_members", "spans_processes", "unpad"]
+__all__ = ["Examples", "barrier", "call_together", "example_rows", "gather", "global_mesh",
+           "put_local", "replicate", "shard_examples", "shard_members", "spans_processes",
+           "unpad"]

@@ -735,7 +735,8 @@ def run(model, members: Members, data: Data, sched: Schedule, *, keys: jax.Array
         # holds every member (host code — checkpoints, np.asarray — runs unchanged)
         members, aux, grad_mask, keys = place((members, aux, grad_mask, keys), mesh, 0)
         counts, data_args = distributed.replicate((counts, data_args), mesh)
-        out = fn(counts, members, aux, grad_mask, keys, *data_args, place(arrays, mesh, 0))
+        out = distributed.call_together(fn, counts, members, aux, grad_mask, keys, *data_args,
+                                        place(arrays, mesh, 0))
         return distributed.replicate(out, mesh)
     if _looped(prog):
         return fn(counts, members, aux, grad_mask, keys, *data_args, place(arrays, mesh, 0))
