@@ -46,9 +46,9 @@ from unlearn import engine, lm_metrics, methods, mia, models, people, train
 NAME = "llm_unlearning"
 
 _LOOP = ("grad_ascent", "grad_diff", "npo", "simnpo", "idk_dpo", "rmu", "undial")
-_DEFAULT = dict(persons=100, facts=10, world=40, width=64, depth=2, heads=4, epochs=60,
-                lr=3e-3, batch_size=32, splits=("forget01", "forget05", "forget10"),
-                methods=_LOOP + ("influence", "sisa"), unlearn_epochs=5, checkpoints=5,
+_DEFAULT = dict(persons=40, facts=10, world=20, width=64, depth=2, heads=4, epochs=100,
+                lr=3e-3, batch_size=16, splits=("forget01", "forget05", "forget10"),
+                methods=_LOOP + ("influence", "sisa"), unlearn_epochs=10, checkpoints=4,
                 method_options={"influence": {"backend": "ekfac_pcg", "damping": 1e-2,
                                               "maxiter": 200},
                                 "sisa": {"shards": 5, "slices": 1}},

@@ -288,3 +288,20 @@ def test_bad_inputs(bench):
         people.encode([], tok, seq_len=90)
     with pytest.raises(ValueError, match="outside the tokenizer"):
         people.encode([q], tok, seq_len=90, answer=["ALL CAPS"])
+
+
+def test_data_load_people_is_the_training_set_and_the_holdout_persons():
+    """``data.load("people")`` = the training set (train) and the holdout persons' QA (test),
+    built by the people module's own functions at the corpus' longest sequence length."""
+    from unlearn import data
+
+    s = data.load("people", persons=12, facts=3, world=5, seed=2)
+    bench = people.generate(persons=12, facts=3, world=5, seed=2)
+    tok = people.tokenizer()
+    seq_len = people.stats(bench, tok)["seq_len_all"]
+    want = people.training_set(bench, tok, seq_len=seq_len)
+    np.testing.assert_array_equal(s.train.x, want.x)
+    np.testing.assert_array_equal(s.train.ids, want.ids)
+    assert list(s.test.ids) == list(bench.splits["holdout10"])
+    assert not set(s.test.ids) & set(s.train.ids)
+    assert s.train.targets == s.test.targets == "tokens"

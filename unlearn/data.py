@@ -238,7 +238,10 @@ def load(
         ``mnist5k`` (real MNIST, kwarg ``classes``; see :func:`mnist5k`),
         ``synthetic`` (kwargs ``n``, ``d``, ``num_classes``, ``separation``), ``charlm``
         (a seeded character-level text corpus, kwargs ``n``, ``seq_len``; see
-        :func:`char_corpus`), a TFDS text set (``tiny_shakespeare`` or ``tfds_text:NAME``,
+        :func:`char_corpus`), ``people`` (the seeded fictitious-people QA benchmark of
+        :mod:`unlearn.people`: train = every trained person's QA and the world facts, test =
+        the QA of the holdout persons; kwargs ``persons``, ``facts``, ``world``), a TFDS text
+        set (``tiny_shakespeare`` or ``tfds_text:NAME``,
         character-level windows; kwargs of :func:`tfds_text`), ``folder:PATH``
         or an image folder path, or any TFDS name (e.g. ``mnist``; optional ``tfds:`` prefix).
       seed: seeds the split (and the generator for generated data).
@@ -270,6 +273,8 @@ def load(
         return split(ds, test_fraction=test_fraction, seed=seed)
     if name == "charlm":
         return split(char_corpus(seed=seed, **kwargs), test_fraction=test_fraction, seed=seed)
+    if name == "people":
+        return _people(seed=seed, **kwargs)
     if name in TFDS_TEXT or name.startswith("tfds_text:"):
         return tfds_text(name.removeprefix("tfds_text:"), data_dir=data_dir, download=download,
                          **kwargs)
@@ -284,6 +289,18 @@ def load(
             f"(digits, mnist1d, a TFDS name).")
     return tfds_split(name.removeprefix("tfds:"), data_dir=data_dir, download=download,
                       normalize=normalize, **kwargs)
+
+
+def _people(*, seed: int = 0, persons: int = 100, facts: int = 10, world: int = 40) -> Split:
+    """``load("people")``: :func:`unlearn.people.training_set` as train, the holdout persons'
+    QA (``holdout10``) as test, both at the corpus' longest sequence length."""
+    from unlearn import people  # people builds on this module's Dataset and tokenizer
+
+    bench = people.generate(persons=persons, facts=facts, world=world, seed=seed)
+    tok = people.tokenizer()
+    seq_len = people.stats(bench, tok)["seq_len_all"]
+    return Split(people.training_set(bench, tok, seq_len=seq_len),
+                 people.encode(bench.items("holdout10"), tok, seq_len=seq_len))
 
 
 def synthetic(
