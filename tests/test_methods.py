@@ -12,7 +12,10 @@ import pytest
 from unlearn import data, methods, models, train
 from unlearn.metrics import flat
 
-NAMES = sorted(methods.REGISTRY)
+# classifier/regression methods run on the digits settings; the language-model methods
+# (``tokens_only``) refuse those and run the same contract on a tiny transformer below
+NAMES = sorted(n for n, e in methods.REGISTRY.items() if not e.tokens_only)
+LM_NAMES = sorted(n for n, e in methods.REGISTRY.items() if e.tokens_only)
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +223,55 @@ def test_every_method_runs_on_a_cnn():
     out = _every_nonconvex_method_runs(problem, trained)
     for name in ("influence", "newton"):
         assert np.linalg.norm(flat(out[name].params) - flat(trained.params)) > 0, name
+
+
+# ----------------------------------------------------------------------------- token methods
+
+
+@pytest.fixture(scope="module")
+def token_setting():
+    """A tiny transformer on 32 char-corpus sentences (2 epochs: the contract, not quality)."""
+    ds = data.char_corpus(n=32, seq_len=24, seed=0)
+    model = models.transformer(ds.num_classes, width=16, depth=1, heads=2, max_len=32)
+    problem = train.Problem(model, ds, train.TrainConfig(epochs=2, batch_size=16, lr=3e-3),
+                            jax.random.key(0))
+    return problem, train.train(problem)
+
+
+# in the default suite: one plain loss, the alternate-input stream, the hidden-state loss;
+# the others (a compile each, ~15 s on the shared 2-core machine) in the slow suite
+TOKEN_FAST = ("grad_diff", "idk_dpo", "rmu")
+
+
+@pytest.mark.parametrize("name", [n if n in TOKEN_FAST else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in LM_NAMES])
+def test_token_method_contract(token_setting, name):
+    """The shared rows above for the language-model methods, on a token task: finite logits
+    of shape (n, T, V) and the variables' structure kept; the same key gives the same result;
+    the inputs are not mutated; chained requests and the refusals of bad ids; and a
+    classification task is refused at ``prepare``."""
+    problem, trained = token_setting
+    tr = problem.train
+    kw = {"epochs": 2, **({"answers": ("no idea",)} if name.startswith("idk") else {})}
+    m = methods.get(name, **kw)
+    before = flat(trained.params).copy()
+    state = m.prepare(problem, trained)
+    a, state2 = m.forget(state, tr.ids[:3], jax.random.key(1))
+    b, _ = m.forget(state, tr.ids[:3], jax.random.key(1))
+    logits = np.asarray(a.logits(tr.x[:5]))
+    assert logits.shape == (5, tr.x.shape[1], tr.num_classes) and np.isfinite(logits).all()
+    assert jax.tree.structure(a.params) == jax.tree.structure(trained.params)
+    np.testing.assert_array_equal(logits, np.asarray(b.logits(tr.x[:5])))
+    np.testing.assert_array_equal(before, flat(trained.params))
+    _, state3 = m.forget(state2, tr.ids[3:6], jax.random.key(2))
+    with pytest.raises(ValueError, match="already forgotten"):
+        m.forget(state3, tr.ids[1:2], jax.random.key(2))
+    with pytest.raises(KeyError, match="not in dataset"):
+        m.forget(state3, ["no-such-id"], jax.random.key(2))
+    with pytest.raises(ValueError, match="empty"):
+        m.forget(state3, [], jax.random.key(2))
+    digits = data.load("digits").train.subset(np.arange(40))
+    clf = train.Problem(models.mlp(10, (8,)), digits, train.TrainConfig(epochs=1),
+                        jax.random.key(0))
+    with pytest.raises(ValueError, match="token data"):
+        m.prepare(clf, None)
