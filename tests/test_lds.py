@@ -206,3 +206,39 @@ def test_nonconvex_mlp_lds_through_the_ggn():
     assert ex["curvature"] == "ggn" and ex["damping"] == 1e-3 and ex["converged"]
     assert ex["lds"] > 0.35 and ex["ci_low"] > 0.3
     assert abs(rnd["lds"]) < 0.05
+
+
+# ----------------------------------------------------------------------------- leave-one-out
+
+
+def test_loo_outputs_equal_separate_retrains():
+    """``loo_outputs``: K leave-one-out members and a control trained as one ensemble; each
+    member equals the oracle ``train.retrain(problem, [id])`` fitted on its own, the control
+    ``train.train(problem)`` (float32 SGD; same tolerance as the subset-model test above)."""
+    s = data.load("digits")
+    tr = s.train.subset(np.arange(120))
+    cfg = train.TrainConfig(epochs=2, batch_size=32, lr=1e-2)
+    problem = train.Problem(models.logreg(10), tr, cfg, jax.random.key(3))
+    x, y = s.test.x[:30], s.test.y[:30]
+    pos = [7, 64]
+    actual, full = lds.loo_outputs(problem, pos, x, y)
+    assert actual.shape == (2, 30) and full.shape == (30,)
+    xf, yf = jnp.asarray(x, jnp.float32), jnp.asarray(y)
+    star = train.train(problem)
+    ref_full = np.asarray(objective.example_losses(problem.model.apply, star.params, xf, yf))
+    np.testing.assert_allclose(full, ref_full, rtol=1e-5, atol=1e-6)
+    for k, i in enumerate(pos):
+        fit = train.retrain(problem, [tr.ids[i]])
+        ref = np.asarray(objective.example_losses(problem.model.apply, fit.params, xf, yf))
+        np.testing.assert_allclose(actual[k], ref - ref_full, rtol=1e-4, atol=1e-6)
+        assert np.abs(actual[k]).max() > 1e-4  # removing a point changes the model
+
+
+@pytest.mark.parametrize("pos", [[3, 3], [-1], [120], [], [1.0, 2.0]])
+def test_loo_outputs_refuses_bad_positions(pos):
+    s = data.load("digits")
+    tr = s.train.subset(np.arange(120))
+    problem = train.Problem(models.logreg(10), tr, train.TrainConfig(epochs=1),
+                            jax.random.key(0))
+    with pytest.raises(ValueError, match="positions"):
+        lds.loo_outputs(problem, pos, s.test.x[:3], s.test.y[:3])
