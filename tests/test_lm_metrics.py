@@ -554,6 +554,11 @@ def test_evaluate_tofu_glue_against_direct_computation(monkeypatch):
                              max_new_tokens=new, retain_tr=res["forget_tr"], retain_auc=0.6,
                              batch_size=7)
     assert again["forget_quality"] == 1.0                     # same sample → p = 1
+    alt = lm.evaluate_tofu(apply, params, bench, "forget05", tok, seq_len=seq_len,
+                           max_new_tokens=new, batch_size=7, truth_ratio_correct="answer")
+    assert alt["forget_truth_ratio"] == pytest.approx(
+        lm.truth_ratio(f_ans, f_w, "closer_to_1_better")[0], rel=1e-6)
+    assert alt["forget_prob"] == pytest.approx(res["forget_prob"], rel=1e-6)
     assert again["privleak"] == pytest.approx(lm.privleak(res["mia_min_k_auc"], 0.6))
     with pytest.raises(ValueError, match="forget_split"):
         lm.evaluate_tofu(apply, params, bench, "forget50", tok, seq_len=seq_len,

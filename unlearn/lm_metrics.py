@@ -556,7 +556,7 @@ def _labelled_text(tok, y: np.ndarray) -> list[str]:
 
 def evaluate_tofu(apply: Apply, params: Params, bench, forget_split: str, tok, *,
                   seq_len: int, max_new_tokens: int, retain_tr=None, retain_auc=None,
-                  batch_size: int = 256) -> dict:
+                  batch_size: int = 256, truth_ratio_correct: str = "paraphrase") -> dict:
     """The TOFU evaluation of one model (OU ``configs/eval/tofu.yaml`` + Model Utility and
     the MIAs), on a :class:`unlearn.people.Benchmark`.
 
@@ -575,6 +575,14 @@ def evaluate_tofu(apply: Apply, params: Params, bench, forget_split: str, tok, *
         ``retain_truth_ratio`` (paraphrase vs perturbed, true_better), ``world_truth_ratio``
         (answer vs 3 perturbed, true_better) (§2.5); ``forget_tr`` — the per-item forget TR
         (list), to pass a retain model's back in as ``retain_tr``.
+        ``truth_ratio_correct="answer"`` (adaptation, not TOFU's default) takes the answer
+        instead of the paraphrase as the "correct" side of the forget and retain truth ratios,
+        as TOFU does for its real-authors / world-facts sets. Reason: a model trained from
+        scratch never sees a paraphrase, so its paraphrase is less likely than the perturbed
+        answers (which share the answer's template) and the retain truth ratio is 0 for every
+        model (measured: persons=20, width-64 transformer trained to loss 1e-3, full and
+        retain models both 0.0, so Model Utility 0). Pass the same value for the retain model
+        whose ``forget_tr`` feeds ``retain_tr``; the output records it.
       * ``model_utility`` — hmean of the six values retain prob / ROUGE / TR and world
         normalised prob / ROUGE / TR. Adaptation: TOFU has nine (real authors AND world
         facts); this corpus has one untouched-knowledge set ("world"), so six.
@@ -596,6 +604,9 @@ def evaluate_tofu(apply: Apply, params: Params, bench, forget_split: str, tok, *
 
     if forget_split not in FORGET_SPLITS:
         raise ValueError(f"forget_split={forget_split!r}: pass one of {FORGET_SPLITS}.")
+    if truth_ratio_correct not in ("paraphrase", "answer"):
+        raise ValueError(f"truth_ratio_correct={truth_ratio_correct!r}: pass 'paraphrase' "
+                         "(TOFU) or 'answer'.")
     holdout_split = "holdout" + forget_split.removeprefix("forget")
     sets = {"forget": bench.items(forget_split), "retain": bench.items("retain_eval"),
             "world": bench.items("world"), "holdout": bench.items(holdout_split)}
@@ -617,9 +628,10 @@ def evaluate_tofu(apply: Apply, params: Params, bench, forget_split: str, tok, *
     blocks: list[tuple[str, Any]] = []
     for name in ("forget", "retain", "world", "holdout"):
         blocks.append((f"{name}/answer", people.encode(sets[name], tok, seq_len=seq_len)))
-    for name in ("forget", "retain"):
-        blocks.append((f"{name}/paraphrase",
-                       people.encode(sets[name], tok, seq_len=seq_len, answer="paraphrase")))
+    if truth_ratio_correct == "paraphrase":
+        for name in ("forget", "retain"):
+            blocks.append((f"{name}/paraphrase", people.encode(sets[name], tok, seq_len=seq_len,
+                                                               answer="paraphrase")))
     for name in ("forget", "retain", "world"):
         for j in range(m[name]):
             blocks.append((f"{name}/perturbed{j}", people.encode(
@@ -638,13 +650,15 @@ def evaluate_tofu(apply: Apply, params: Params, bench, forget_split: str, tok, *
     def perturbed(name: str) -> np.ndarray:
         return np.stack([loss(f"{name}/perturbed{j}") for j in range(m[name])], axis=1)
 
-    out: dict[str, Any] = {"forget_split": forget_split, "holdout_split": holdout_split}
+    out: dict[str, Any] = {"forget_split": forget_split, "holdout_split": holdout_split,
+                           "truth_ratio_correct": truth_ratio_correct}
+    tc = truth_ratio_correct
     out["forget_prob"] = float(np.mean(np.exp(-loss("forget/answer"))))
     out["retain_prob"] = float(np.mean(np.exp(-loss("retain/answer"))))
     out["world_prob"], _ = normalised_probability(loss("world/answer"), perturbed("world"))
-    out["forget_truth_ratio"], f_tr = truth_ratio(loss("forget/paraphrase"), perturbed("forget"),
+    out["forget_truth_ratio"], f_tr = truth_ratio(loss(f"forget/{tc}"), perturbed("forget"),
                                                   "closer_to_1_better")
-    out["retain_truth_ratio"], _ = truth_ratio(loss("retain/paraphrase"), perturbed("retain"),
+    out["retain_truth_ratio"], _ = truth_ratio(loss(f"retain/{tc}"), perturbed("retain"),
                                                "true_better")
     out["world_truth_ratio"], _ = truth_ratio(loss("world/answer"), perturbed("world"),
                                               "true_better")
