@@ -26,7 +26,10 @@ shards' mean output); and the reference points ``retrain`` (the oracle itself) a
 ``original`` (do nothing).
 
 **Metrics** (:func:`unlearn.lm_metrics.evaluate_tofu`, definitions of open-unlearning):
-forget quality = KS-test p-value of the forget truth ratios vs the oracle's; model utility =
+forget quality = KS-test p-value of the forget truth ratios vs the oracle's (adaptation: the
+truth ratio's "correct" answer is the answer itself, not TOFU's paraphrase — a model trained
+from scratch on these QA never sees a paraphrase, so it has no knowledge of the fact in that
+wording and the paraphrase-based ratio is uninformative for every model); model utility =
 harmonic mean of retain/world probability, ROUGE-L recall and truth ratio (six values — this
 corpus has one untouched-knowledge set, TOFU has two); ROUGE-L recall on forget and retain;
 PrivLeak from the Min-K% (k = 0.4) AUC vs the oracle's; extraction strength; wall time.
@@ -131,7 +134,8 @@ def run(*, persons, facts, world, width, depth, heads, epochs, lr, batch_size, s
         return lm_metrics.evaluate_tofu(
             apply, params, bench, split, tok, seq_len=seq_len, max_new_tokens=max_new,
             retain_tr=None if ref is None else ref["forget_tr"],
-            retain_auc=None if ref is None else ref["mia_min_k_auc"])
+            retain_auc=None if ref is None else ref["mia_min_k_auc"],
+            truth_ratio_correct="answer")
 
     reference, curves, table = {}, {}, []
     for split in splits:
