@@ -12,8 +12,8 @@ undial}.py``) against independent computations.
   transformer relative to doing nothing, more than that of the retained ones; GradDiff and NPO
   keep the retained NLL within a stated bound. Same key, same params. Checkpoints equal runs
   stopped there. A classification task is refused by name.
-* ``influence`` (EK-FAC-preconditioned CG and Nyström PCG) and ``newton`` (Nyström PCG) run on
-  the transformer and move its params.
+* ``influence`` with EK-FAC-preconditioned CG and with Nyström PCG give the same step on a
+  trained transformer; ``newton`` (Nyström PCG) runs there and moves its params (slow).
 
 The trained model is shared (module fixture): 96 char-corpus sentences whose first half of
 labelled targets is turned into a prompt (label -1), width 32, depth 2, 40 Adam epochs; the
@@ -366,16 +366,34 @@ def small_lm():
 
 
 @pytest.mark.slow  # 30–70 s each on the shared 2-core machine (load ~13)
-@pytest.mark.parametrize("name,kw", [("influence", dict(backend="pcg-ekfac", damping=1e-2)),
-                                     ("influence", dict(backend="pcg", damping=1e-2, rank=20)),
-                                     ("newton", dict(solver="cg", damping=1e-2, rank=20))])
-def test_second_order_methods_run_on_the_transformer(small_lm, name, kw):
-    """``influence`` with EK-FAC-preconditioned CG and Nyström PCG, and ``newton`` (damped GGN,
-    Nyström PCG, trust rule), on a trained transformer: finite params that moved."""
+def test_influence_backends_agree_on_the_transformer(small_lm):
+    """``influence`` with EK-FAC-preconditioned CG and with Nyström PCG solve the same damped
+    Gauss–Newton system on a trained transformer: both converge (true residual ≤ 1e-5) and
+    give the same step (to 1e-3 of its norm), which moves the params. Measured: step norm
+    3.1396 both, 304 EK-FAC-PCG iterations against 72 Nyström-PCG (rank 20)."""
     problem, trained = small_lm
-    m = methods.get(name, **kw)
+    theta0 = flat(trained.params)
+    steps = []
+    for kw in (dict(backend="pcg-ekfac"), dict(backend="pcg", rank=20)):
+        m = methods.get("influence", damping=1e-2, **kw)
+        res, _ = m.forget(m.prepare(problem, trained), problem.train.ids[:4],
+                          jax.random.key(0))
+        assert res.stats["converged"] and res.stats["residual"] <= 1e-5, res.stats
+        assert np.isfinite(np.asarray(res.logits(problem.train.x[:4]))).all()
+        steps.append(flat(res.params) - theta0)
+    norm = np.linalg.norm(steps[1])
+    assert norm > 0
+    assert np.linalg.norm(steps[0] - steps[1]) <= 1e-3 * norm
+
+
+@pytest.mark.slow
+def test_newton_runs_on_the_transformer(small_lm):
+    """``newton`` (damped GGN, Nyström PCG, trust rule) on a trained transformer: a converged,
+    accepted step that moves the params and keeps them finite."""
+    problem, trained = small_lm
+    m = methods.get("newton", solver="cg", damping=1e-2, rank=20)
     res, _ = m.forget(m.prepare(problem, trained), problem.train.ids[:4], jax.random.key(0))
+    assert res.stats["converged"] and res.stats["accepted"], res.stats
     theta = flat(res.params)
     assert np.isfinite(theta).all()
     assert np.abs(theta - flat(trained.params)).max() > 0
-    assert np.isfinite(np.asarray(res.logits(problem.train.x[:4]))).all()
