@@ -703,14 +703,18 @@ def place(tree, mesh, axis: int = 0):
 def run(model, members: Members, data: Data, sched: Schedule, *, keys: jax.Array,
         aux: dict, optimizer: str, dtype: str, strategy: str = "auto",
         loss: Callable = train_loss, augment: Callable | None = None,
-        grad_mask: Params | None = None, mesh=None) -> tuple[Members, jax.Array]:
+        grad_mask: Params | None = None, mesh=None,
+        replicated: bool = True) -> tuple[Members, jax.Array]:
     """Run the steps of ``sched`` for every member; returns (members, losses (S, T)).
 
     ``keys`` (S,) are the members' keys (dropout / augmentation randomness), ``aux`` a dict of
     stacked per-member values the loss reads (``l2`` at least), ``grad_mask`` an optional
     stacked 0/1 pytree multiplying the gradients, ``mesh`` lays the member axis of the
     schedule on a device mesh (place ``members`` with :func:`place`). Steps with
-    ``active = False`` leave a member unchanged.
+    ``active = False`` leave a member unchanged. On a mesh over several processes
+    ``replicated=True`` all-gathers the results so that every process holds every member
+    (host code such as checkpointing runs unchanged); ``False`` leaves them sharded (the
+    next call's input, as in :func:`train_members`).
     """
     if sched.steps == 0:
         return members, jnp.zeros((members.size, 0))
@@ -737,7 +741,7 @@ def run(model, members: Members, data: Data, sched: Schedule, *, keys: jax.Array
         counts, data_args = distributed.replicate((counts, data_args), mesh)
         out = distributed.call_together(fn, counts, members, aux, grad_mask, keys, *data_args,
                                         place(arrays, mesh, 0))
-        return distributed.replicate(out, mesh)
+        return distributed.replicate(out, mesh) if replicated else out
     if _looped(prog):
         return fn(counts, members, aux, grad_mask, keys, *data_args, place(arrays, mesh, 0))
     # unrolled: per-member buffers in and out (see _unrolled), restacked once at the end
@@ -928,9 +932,11 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
         sched = stack_schedules([(parts[first[s]],) for s in range(S)], batch_size, epoch=e)
         members, ls = run(model, members, data, sched, keys=keys, aux=aux,
                           optimizer=optimizer, dtype=dtype, strategy=strategy,
-                          augment=augment, mesh=mesh)
+                          augment=augment, mesh=mesh, replicated=False)
         losses.append(ls)
     last = losses[-1] if losses else None
+    if distributed.spans_processes(mesh):  # every process gets every member, once
+        members, last = distributed.replicate((members, last), mesh)
     check_finite(members, last, "training",
                  {"lr": np.broadcast_to(np.asarray(lr), (S,))} if np.ndim(lr) else None)
     final = np.full(S, np.nan)
