@@ -183,7 +183,9 @@ XLA all-reduces the factor sums). Best of 3 after a warm-up; efficiency = t₁ /
 
 {body}
 
-The load average is the machine's (other sessions share the two cores); see the note below.
+The load average is the machine's: other sessions share the two cores, and above 2 a pinned
+process gets only part of its core, so the wall-time speed-up measures the scheduler as much
+as the program; process 0's CPU seconds show whether the work was divided.
 """)
 
 
