@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax, softmax
 
-from unlearn import data, methods, models, train
+from unlearn import data, engine, methods, models, train
 from unlearn.engine import Batch
 from unlearn.methods import lm_losses as L
 from unlearn.methods.idk import alternate_rows
@@ -308,6 +308,20 @@ def test_same_key_same_params_and_checkpoints_are_runs_stopped_there(lm):
     short, _ = methods.get("grad_diff", epochs=4).forget(state, ids, jax.random.key(1))
     np.testing.assert_allclose(flat(cps[4]), flat(short.params), rtol=1e-6, atol=1e-7)
     assert np.abs(flat(cps[4]) - flat(cps[8])).max() > 0
+
+
+def test_new_hyperparameters_do_not_recompile(lm):
+    """γ, α (and β, δ, s) are traced aux values: another value reuses the compiled program
+    and changes the result."""
+    problem, trained, forget = lm
+    ids = problem.train.ids[forget]
+    state = methods.get("grad_diff").prepare(problem, trained)
+    a, _ = methods.get("grad_diff", epochs=1).forget(state, ids, jax.random.key(1))
+    traces = engine.cache_info()["traces"]
+    b, _ = methods.get("grad_diff", epochs=1, gamma=2.0, alpha=0.5).forget(state, ids,
+                                                                           jax.random.key(1))
+    assert engine.cache_info()["traces"] == traces
+    assert np.abs(flat(a.params) - flat(b.params)).max() > 0
 
 
 def test_idk_dpo_is_deterministic_given_key(lm):
