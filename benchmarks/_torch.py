@@ -107,3 +107,104 @@ def sisa_loop(spec, x: np.ndarray, y: np.ndarray, idx: np.ndarray, w: np.ndarray
                     last.append(loss.item())
     return {"seconds": time.perf_counter() - t0, "last_loss": float(np.mean(last)),
             "torch": torch.__version__}
+
+
+def torch_transformer(spec):
+    """The ``torch.nn.Module`` twin of ``models.transformer`` (``models.from_spec(spec)``):
+    token + learned position embeddings, pre-LN blocks of causal multi-head attention with
+    ``nn.Linear`` query/key/value/out projections and a tanh-GELU MLP, a final LayerNorm
+    (eps 1e-6, flax's default) and tied (``h Eᵀ``) or untied (bias-free ``head``) logits.
+    Every dense projection is an ``nn.Linear`` (what kronfluence tracks). Load the flax
+    weights with :func:`load_flax_transformer`."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    name, items = spec
+    if name != "transformer":
+        raise ValueError(f"torch_transformer needs a transformer spec; got {name!r}.")
+    kw = dict(items)
+    vocab, width, depth, heads = kw["vocab"], kw["width"], kw["depth"], kw["heads"]
+    max_len, ratio, tied = kw["max_len"], kw["mlp_ratio"], kw["tied"]
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query, self.key, self.value, self.out = (nn.Linear(width, width)
+                                                          for _ in range(4))
+
+        def forward(self, h):
+            n, t, _ = h.shape
+            dh = width // heads
+            q, k, v = (f(h).reshape(n, t, heads, dh).transpose(1, 2)
+                       for f in (self.query, self.key, self.value))
+            s = q @ k.transpose(-1, -2) * dh ** -0.5
+            causal = torch.ones(t, t, dtype=torch.bool).tril()
+            s = s.masked_fill(~causal, torch.finfo(s.dtype).min)
+            o = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(n, t, width)
+            return self.out(o)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_attn = nn.LayerNorm(width, eps=1e-6)
+            self.attn = Attention()
+            self.ln_mlp = nn.LayerNorm(width, eps=1e-6)
+            self.mlp_in = nn.Linear(width, ratio * width)
+            self.mlp_out = nn.Linear(ratio * width, width)
+
+        def forward(self, h):
+            h = h + self.attn(self.ln_attn(h))
+            return h + self.mlp_out(F.gelu(self.mlp_in(self.ln_mlp(h)), approximate="tanh"))
+
+    class Transformer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, width)
+            self.pos = nn.Embedding(max_len, width)
+            self.blocks = nn.ModuleList([Block() for _ in range(depth)])
+            self.ln_final = nn.LayerNorm(width, eps=1e-6)
+            self.head = None if tied else nn.Linear(width, vocab, bias=False)
+
+        def forward(self, x):
+            t = x.shape[1]
+            h = self.embed(x) + self.pos(torch.arange(t))[None]
+            for b in self.blocks:
+                h = b(h)
+            h = self.ln_final(h)
+            return h @ self.embed.weight.T if self.head is None else self.head(h)
+
+    return Transformer()
+
+
+def load_flax_transformer(net, params) -> None:
+    """Copy flax transformer ``params`` (``{"params": ...}``) into :func:`torch_transformer`'s
+    module ``net`` (float32): Dense kernels ``(in, out)`` become Linear weights ``(out, in)``."""
+    import torch
+
+    p = params["params"] if "params" in params else params
+
+    def t(a):
+        return torch.from_numpy(np.asarray(a, np.float32).copy())
+
+    def dense(lin, d):
+        lin.weight.data = t(np.asarray(d["kernel"]).T)
+        if lin.bias is not None:
+            lin.bias.data = t(d["bias"])
+
+    def ln(mod, d):
+        mod.weight.data, mod.bias.data = t(d["scale"]), t(d["bias"])
+
+    net.embed.weight.data = t(p["embed"]["embedding"])
+    net.pos.weight.data = t(p["pos"]["embedding"])
+    for i, b in enumerate(net.blocks):
+        d = p[f"block_{i}"]
+        ln(b.ln_attn, d["ln_attn"])
+        ln(b.ln_mlp, d["ln_mlp"])
+        for n in ("query", "key", "value", "out"):
+            dense(getattr(b.attn, n), d["attn"][n])
+        dense(b.mlp_in, d["mlp_in"])
+        dense(b.mlp_out, d["mlp_out"])
+    ln(net.ln_final, p["ln_final"])
+    if net.head is not None:
+        dense(net.head, p["head"])
