@@ -17,8 +17,10 @@ Run: epochs over the forget set with retain batches cycled alongside
 (:func:`unlearn.methods.lm_losses.lm_unlearner`). OU's 10 epochs at lr 1e-5 (batch 32) are for
 7B models fine-tuned at that same rate; the tiny character transformers here are trained with
 Adam at ~1e-3, and the default learning rate is ``lr_scale`` = 0.1 × the training rate for 10
-epochs (measured on ``tests/test_lm_methods.py``'s model: ascent at the full training rate
-wrecks the retained answers within a few steps).
+epochs. Measured on ``tests/test_lm_methods.py``'s model (Adam at 3e-3; mean answer NLL of the
+12 forgotten / 84 retained sequences 0.26 / 0.30 before): at ``lr_scale=1`` GradAscent gives
+8.1 / 7.3 and GradDiff 7.1 / 1.1 (worse than a uniform guess, ln 43 = 3.8); at the default 0.1,
+1.92 / 0.71 and 1.72 / 0.51.
 """
 
 from __future__ import annotations
