@@ -292,7 +292,7 @@ def lm_unlearner(name: str, forget_term: Callable | None, retain: str | None, hp
     over the forget set (default :data:`DEFAULT_EPOCHS` = 10, OU's), the training batch size,
     the training optimiser and learning rate ``lr`` or ``lr_scale`` × the training learning
     rate. ``checkpoint_every`` keeps the params every that many steps
-    (``stats["checkpoints"] = [(step, params), ...]``).
+    (``stats["checkpoints"] = [(step, params), ...]`` after steps k, 2k, ... and the last).
     """
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int)
                                or epochs < 1):

@@ -21,9 +21,10 @@ Two extensions serve the language-model methods (:mod:`unlearn.methods.lm_losses
   third batch, ``loss(apply, params, aux, progress, retain, forget, alt)``, whose row ``j``
   is the alternate of the forget batch's row ``j`` (same weights).
 * **Checkpoints** (``checkpoint_every=k``): the run is cut into engine calls of ``k`` steps
-  and the params after each are kept, ``stats["checkpoints"] = [(step, params), ...]`` from
-  step 0 (the params before the request) to the last step, so a learning curve (forget
-  quality against utility over the unlearning steps) needs one run, not one per length. The
+  and the params after each are kept, ``stats["checkpoints"] = [(step, params), ...]`` at
+  steps k, 2k, ... and the last step (its params are the result's; the params before the
+  request, step 0, are the caller's own), so a learning curve (forget quality against
+  utility over the unlearning steps) needs one run, not one per length. The
   params at a checkpoint are those of a run stopped there (the steps, data order and
   optimiser state are the same; ``progress`` is still measured against the whole run).
 """
@@ -275,7 +276,7 @@ def loop_unlearner(name: str, loss: Callable | None, *, driver: str, epochs: int
         the_loss = extra.loss if extra.loss is not None else loss
         phases = (plan(n_ep) if plan is not None
                   else [Phase(the_loss, driver, range(n_ep))])
-        checkpoints = [] if checkpoint_every is None else [(0, state.params)]
+        checkpoints = []
         steps = 0
         for ph in phases:
             def keep(k, m, offset=steps):
