@@ -415,6 +415,7 @@ class Program:
     augment: Callable | None
     masked: bool
     mesh: Any = None
+    compute: str | None = None
 
 
 _PROGRAMS: dict[Program, Callable] = {}
@@ -440,6 +441,8 @@ def _member_step(prog: Program, model, opt, carry, aux, gmask, key, x, y, hashes
     apply = models.im2col_apply(model) if prog.strategy == "fused" else model.apply
     stateful = bool(mstate) or _takes(apply, "train")
     with_mask = stateful and _takes(apply, "mask")
+    if prog.compute is not None:  # after the signature checks: the wrapper takes **kwargs
+        apply = _mixed(apply, prog.compute, float_dtype(x, aux))
     batches = []
     for i, w in zip(idxs, ws):
         xb = x[i]
@@ -471,6 +474,24 @@ def _member_step(prog: Program, model, opt, carry, aux, gmask, key, x, y, hashes
         g = jax.tree.map(jnp.multiply, g, gmask)
     updates, new_opt = opt.update(g, opt_state, params)
     return Members(optax.apply_updates(params, updates), new_opt, new_state), value
+
+
+COMPUTE_DTYPES = ("bfloat16", "float16")
+
+
+def _mixed(apply: Callable, compute: str, master) -> Callable:
+    """Mixed precision (Micikevicius et al. 2018, "Mixed Precision Training"): the forward
+    pass — and with it, by the chain rule, the backward pass through it — in ``compute``
+    (parameters and floating inputs cast down), the outputs (logits, and new model state such
+    as BatchNorm statistics) cast back to the ``master`` dtype, so the loss, its reduction,
+    the gradient accumulated into the float32 parameters and the optimiser update stay in
+    float32."""
+
+    def mixed(variables, x, *args, **kwargs):
+        out = apply(cast(variables, compute), cast(x, compute), *args, **kwargs)
+        return cast(out, master)
+
+    return mixed
 
 
 def _with_loss(fwd: Callable, model) -> Callable:
@@ -676,6 +697,26 @@ def device_data(x, y, ids_hash: np.ndarray | None, dtype: str) -> Data:
     return Data(cast(jnp.asarray(x), dtype), jnp.asarray(y), h)
 
 
+def check_compute_dtype(compute_dtype: str | None, dtype: str) -> None:
+    """Validate the mixed-precision option: ``compute_dtype`` None (off), ``bfloat16`` or
+    ``float16``, with float32 master weights (``dtype='float32'``).
+
+    What stays exact with it: member independence (a member's result is bit-identical
+    whatever the other members; same loop body), hence SISA's ``forget == train on D∖U``
+    bit for bit, and run-to-run determinism. What does not: agreement with a float32 run —
+    the forward/backward rounds to 8 (bfloat16) or 11 (float16) significant bits, so the
+    parameters differ from float32 training by an amount that grows with the steps; no
+    loss scaling is applied (float16 gradients may underflow; prefer bfloat16)."""
+    if compute_dtype is None:
+        return
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype={compute_dtype!r}: choose None (off) or one of "
+                         f"{COMPUTE_DTYPES}.")
+    if dtype != "float32":
+        raise ValueError(f"compute_dtype={compute_dtype!r} needs float32 master weights; got "
+                         f"dtype={dtype!r}: pass dtype='float32'.")
+
+
 def place(tree, mesh, axis: int = 0):
     """Put axis ``axis`` (the member axis) of every leaf on the first axis of a
     ``jax.sharding.Mesh`` (``NamedSharding``); identity without a mesh. On a mesh over the
@@ -704,7 +745,8 @@ def run(model, members: Members, data: Data, sched: Schedule, *, keys: jax.Array
         aux: dict, optimizer: str, dtype: str, strategy: str = "auto",
         loss: Callable = train_loss, augment: Callable | None = None,
         grad_mask: Params | None = None, mesh=None,
-        replicated: bool = True) -> tuple[Members, jax.Array]:
+        replicated: bool = True, compute_dtype: str | None = None
+        ) -> tuple[Members, jax.Array]:
     """Run the steps of ``sched`` for every member; returns (members, losses (S, T)).
 
     ``keys`` (S,) are the members' keys (dropout / augmentation randomness), ``aux`` a dict of
@@ -714,8 +756,10 @@ def run(model, members: Members, data: Data, sched: Schedule, *, keys: jax.Array
     ``active = False`` leave a member unchanged. On a mesh over several processes
     ``replicated=True`` all-gathers the results so that every process holds every member
     (host code such as checkpointing runs unchanged); ``False`` leaves them sharded (the
-    next call's input, as in :func:`train_members`).
+    next call's input, as in :func:`train_members`). ``compute_dtype`` (``bfloat16``,
+    ``float16``): mixed precision (:func:`check_compute_dtype`).
     """
+    check_compute_dtype(compute_dtype, dtype)
     if sched.steps == 0:
         return members, jnp.zeros((members.size, 0))
     strategy = resolve_strategy(model, strategy)
@@ -727,7 +771,7 @@ def run(model, members: Members, data: Data, sched: Schedule, *, keys: jax.Array
 
         mesh = Mesh(mesh.devices, mesh.axis_names)  # automatic axes, as in place()
     prog = Program(model_key(model), optimizer, strategy, dtype, loss, augment,
-                   grad_mask is not None, mesh)
+                   grad_mask is not None, mesh, compute_dtype)
     fn = _program(prog, model)
     S = len(sched.active)
     per_device = S // (1 if mesh is None else mesh.shape[mesh.axis_names[0]])
@@ -867,7 +911,8 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
                   strategy: str = "auto", weights: np.ndarray | None = None,
                   seeds: Sequence[int] | None = None, variables: Params | None = None,
                   augment: Callable | None = None, progress: bool = False,
-                  desc: str = "train", mesh=None) -> Trained:
+                  desc: str = "train", mesh=None,
+                  compute_dtype: str | None = None) -> Trained:
     """Train S = ``len(keys)`` models at once; the engine's one minibatch trainer.
 
     Member s starts from ``variables[s]`` (stacked) or ``model.init(fold_in(keys[s], 0))``,
@@ -882,7 +927,12 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
     padded with copies of member 0 to a multiple of the mesh size (dropped again); members are
     independent, so each member's result is the same as without a mesh (bit-identical in
     float32 and float64). On a multi-process mesh the result is replicated on every process.
+
+    ``compute_dtype`` (``bfloat16``/``float16``): mixed precision — float32 master weights and
+    optimiser state, the forward/backward pass in ``compute_dtype``
+    (:func:`check_compute_dtype` states what stays exact).
     """
+    check_compute_dtype(compute_dtype, dtype)
     from tqdm.auto import tqdm
 
     keys = jnp.stack([jnp.asarray(k) for k in keys]) if not isinstance(keys, jax.Array) \
@@ -909,7 +959,7 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
                 weights=np.concatenate([w, np.repeat(w[:1], pad, 0)]),
                 seeds=seeds + seeds[:1] * pad,
                 variables=None if variables is None else jax.tree.map(rep, variables),
-                progress=progress, desc=desc, mesh=mesh)
+                progress=progress, desc=desc, mesh=mesh, compute_dtype=compute_dtype)
             info = {**out.info, "final_loss": out.info["final_loss"][:S]}
             return Trained(take(out.members, np.arange(S)), info)
     data = device_data(x, y, ids_hash, dtype)
@@ -932,7 +982,8 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
         sched = stack_schedules([(parts[first[s]],) for s in range(S)], batch_size, epoch=e)
         members, ls = run(model, members, data, sched, keys=keys, aux=aux,
                           optimizer=optimizer, dtype=dtype, strategy=strategy,
-                          augment=augment, mesh=mesh, replicated=False)
+                          augment=augment, mesh=mesh, replicated=False,
+                          compute_dtype=compute_dtype)
         losses.append(ls)
     last = losses[-1] if losses else None
     if distributed.spans_processes(mesh):  # every process gets every member, once
