@@ -90,7 +90,9 @@ def _forget_ids(ds, kind: str, arg, seed: int):
 
 
 def _names(names, convex: bool, skip=()) -> tuple[list, list]:
-    names = [n for n in (names or methods.REGISTRY) if n != "retrain"]
+    # the language-model methods (tokens_only) have their own experiment (llm_unlearning)
+    names = [n for n in (names or methods.REGISTRY) if n != "retrain"
+             and not methods.REGISTRY[n].tokens_only]
     use = [n for n in names if (convex or not methods.REGISTRY[n].convex_only)
            and n not in skip]
     return use, [n for n in names if n not in use]

@@ -72,6 +72,9 @@ REFUSALS = {
     ("certified", "linear_head"): "bounds", ("certified", "regression"): "bounds",
     **{(m, "regression"): "classification task"
        for m in ("random_labels", "salun", "scrub", "fisher")},
+    # the language-model methods need token data (sequences with per-token targets)
+    **{(m, k): "token" for m, e in methods.REGISTRY.items() if e.tokens_only
+       for k in ("linen", "nnx", "linear_head", "regression")},
 }
 
 
