@@ -62,6 +62,19 @@ optimiser name, strategy, dtype, loss function and augmentation. Learning rate, 
 and the schedules are runtime arguments, so a CLI command or an experiment compiles each
 program once (``cache_info()`` counts the traces).
 
+**Scale-out.** ``mesh`` (:func:`run`, :func:`train_members`, SISA's ``mesh``) lays the member
+axis on the first axis of a device mesh under ``shard_map``: one process's devices, or — after
+:func:`unlearn.runtime.initialize` — every device of every process
+(:func:`unlearn.distributed.global_mesh`), each process running the same call. Arguments are
+made global arrays (every process passes the same host values), each program is compiled
+before a barrier (gloo's 30 s collective timeout), and the results are all-gathered so that
+host code runs unchanged; member independence makes the result equal to the one-process run
+bit for bit (``tests/test_distributed.py``).
+
+**Mixed precision.** ``compute_dtype='bfloat16'`` (or ``float16``) keeps float32 master
+weights and optimiser state and runs the forward/backward pass in the low precision
+(:func:`check_compute_dtype` states what stays exact).
+
 **Model state and randomness.** For models with state (``model.has_state``) the train-mode
 forward is ``apply(variables, x, train=True, rng=r)`` returning ``(logits, new_state)``; the
 per-step key ``r = fold_in(fold_in(key_s, epoch), b)`` depends only on the member's key, the
