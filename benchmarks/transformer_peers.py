@@ -16,7 +16,7 @@ sequence's loss.
 
 **What every row estimates.** ``scores[q, i]`` :math:`= -\nabla\ell_q^\top(G + (\lambda +
 \lambda_d)I)^{-1}\nabla\ell_i`, :math:`G` the GGN of the mean loss. Reference: the same with
-plain CG to relative residual 1e-10 in float64 (``inverse.CG``) on the exact damped GGN.
+plain CG to relative residual 1e-8 in float64 (``inverse.CG``) on the exact damped GGN.
 
 **kronfluence, its conventions (llm-unlearning.md §6.1).** It sums the training loss over a
 batch; we make each sequence's term the project's per-sequence mean token loss, so its
@@ -40,8 +40,9 @@ anything is timed.
 sampling), ``pcg-ekfac`` (``inverse.EKFACPCG``, CG to 1e-5, float32), ``kronfluence-ekfac``
 (``fit_all_factors`` + ``compute_pairwise_scores``). All in float32.
 
-**Curvature products** (float64, not timed): plain CG and EK-FAC-PCG to relative residual 1e-8
-on the test gradients, one CG per right-hand side (``block=False``) and block CG.
+**Curvature products** (float64, not timed; ``--counts``, slow): plain CG and EK-FAC-PCG to
+relative residual 1e-8 on the test gradients, one CG per right-hand side (``block=False``) and
+block CG. Without it the reference's and the ``pcg-ekfac`` row's iterations are reported.
 
 **LDS** (``unlearn.lds``): ``subsets`` models of the same config trained on random halves of
 the training set (one engine ensemble), their test losses, Spearman per test sequence,
@@ -64,6 +65,7 @@ from pathlib import Path
 import numpy as np
 
 L2, DAMPING, T, DEPTH, HEADS = 1e-4, 1e-3, 32, 2, 2
+REF_TOL = 1e-8
 ROWS = ("ekfac", "pcg-ekfac", "kronfluence-ekfac")
 
 
@@ -118,7 +120,7 @@ def run_ours(row: str, cfg: dict, workdir: Path) -> dict:
     x, y = jnp.asarray(tr.x), jnp.asarray(tr.y)
     curv = inverse.Curvature(model.apply, params, x, y, L2, kind="ggn")
     backend = (inverse.EKFAC(chunk_size=64) if row == "ekfac"
-               else inverse.EKFACPCG(chunk_size=64, tol=1e-5, block=False, maxiter=5000))
+               else inverse.EKFACPCG(chunk_size=64, tol=1e-5, block=False, maxiter=3000))
     t0 = time.perf_counter()
     prepared = backend.prepare(curv, DAMPING)
     t1 = time.perf_counter()
@@ -278,14 +280,18 @@ def prepare(cfg: dict, workdir: Path, log) -> dict:
         g = influence.example_gradients(model.apply, params, jnp.asarray(te.x),
                                         jnp.asarray(te.y), measure=True)
         t0 = time.perf_counter()
-        ref = inverse.CG(tol=1e-10, block=False, maxiter=20000).prepare(curv, DAMPING).apply(g)
+        ref = inverse.CG(tol=REF_TOL, block=False, maxiter=20000).prepare(curv, DAMPING).apply(g)
         out["reference_s"] = time.perf_counter() - t0
         out["reference_residual"] = float(np.max(np.asarray(ref.residual)))
+        out["reference_its"] = np.asarray(ref.iterations).tolist()
         scores = -influence.influence_scores(model.apply, params, x, y, ref.x)
         np.save(workdir / "scores_reference.npy", np.asarray(scores, np.float64))
-        log(f"reference: CG to 1e-10 in {out['reference_s']:.0f} s, residual "
-            f"{out['reference_residual']:.1e}")
+        log(f"reference: CG to {REF_TOL:g} in {out['reference_s']:.0f} s, residual "
+            f"{out['reference_residual']:.1e}, iterations {out['reference_its']}")
         counts = {}
+        if not cfg.get("counts"):
+            out["counts"] = counts
+            return out
         pcg = inverse.EKFACPCG(chunk_size=64, tol=1e-8, block=False, maxiter=20000)
         pre = pcg.prepare(curv, DAMPING)
         for name, b, prep in (
@@ -412,14 +418,14 @@ def render(info: dict, command: str) -> str:
              f"final loss {info['final_loss']:.3f}); {cfg['queries']} test sequences; damping "
              f"λ_d = {DAMPING:g} (kronfluence `damping_factor` = λ + λ_d = {L2 + DAMPING:g}). "
              f"PyTorch twin logits agree to {info.get('twin_rel_err', float('nan')):.1e}. "
-             f"Reference: plain CG to 1e-10 on the damped GGN in float64 "
+             f"Reference: plain CG to {REF_TOL:g} on the damped GGN in float64 "
              f"({info['reference_s']:.0f} s, residual {info['reference_residual']:.0e}). "
              f"LDS: {cfg['subsets']} subset models (α = 0.5) trained as one engine ensemble "
              f"({info['lds_s']:.0f} s).", "",
              "| row | prepare s | request s | total s | peak RSS MB (after imports) | "
              "Pearson vs ref (min per query) | LDS (95 % CI) |",
              "|---|---|---|---|---|---|---|"]
-    names = {"reference": "reference (exact damped GGN, CG 1e-10 f64)",
+    names = {"reference": f"reference (exact damped GGN, CG {REF_TOL:g} f64)",
              "ekfac": "ours `ekfac` (f32)", "ekfac-dense": "ours `ekfac`, Dense layers only",
              "pcg-ekfac": "ours `pcg-ekfac` (f32, tol 1e-5)",
              "kronfluence-ekfac": "kronfluence 1.0.1 EK-FAC (f32, sampled labels)"}
@@ -436,11 +442,18 @@ def render(info: dict, command: str) -> str:
                      f"({r['pearson_per_query_min']:.4f}) | {r['lds']:.3f} "
                      f"({r['lds_ci'][0]:.3f}, {r['lds_ci'][1]:.3f}) |")
     c = info["counts"]
-    lines += ["", "Curvature products to relative residual 1e-8 (float64, per test gradient; "
-              "block rows: block iterations, each one product per right-hand side): "
-              + ", ".join(f"`{k}` {v['mean_its']:.0f} mean / {v['max_its']} max "
-                          f"(Pearson of s_test vs reference ≥ {v['min_pearson_s_test']:.6f})"
-                          for k, v in c.items()) + ".",
+    pcg = res.get("pcg-ekfac", {})
+    lines += ["", f"CG iterations per test gradient: reference (plain CG, float64, to "
+              f"{REF_TOL:g}) {info['reference_its']}; `pcg-ekfac` row (float32, to 1e-5) "
+              f"{pcg.get('iterations', 'n/a')}."]
+    if c:
+        lines += ["", "Curvature products to relative residual 1e-8 (float64, per test "
+                  "gradient; block rows: block iterations, each one product per right-hand "
+                  "side): " + ", ".join(
+                      f"`{k}` {v['mean_its']:.0f} mean / {v['max_its']} max (Pearson of s_test "
+                      f"vs reference ≥ {v['min_pearson_s_test']:.6f})" for k, v in c.items())
+                  + "."]
+    lines += [
               "", "Our EK-FAC factors use the exact per-token output roots (T·V backward passes "
               "per sequence, no sampling); kronfluence's use one sampled label per position "
               "(one backward pass per sequence). kronfluence tracks only `nn.Linear` modules "
@@ -457,6 +470,8 @@ def main(argv=None) -> None:
     ap.add_argument("--queries", type=int, default=16)
     ap.add_argument("--subsets", type=int, default=50)
     ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--counts", action="store_true",
+                    help="also count CG / EK-FAC-PCG products to 1e-8 in float64 (slow)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--row")
     ap.add_argument("--workdir")
@@ -466,7 +481,7 @@ def main(argv=None) -> None:
         child(args.row, json.loads(args.cfg), Path(args.workdir))
         return
     cfg = {"n": args.n, "width": args.width, "queries": args.queries, "subsets": args.subsets,
-           "epochs": args.epochs, "vocab": 43}
+           "epochs": args.epochs, "vocab": 43, "counts": args.counts}
     info = run(cfg)
     command = "python -m benchmarks.transformer_peers " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]))
