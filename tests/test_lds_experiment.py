@@ -25,6 +25,7 @@ def test_isolated_peak_memory_sees_a_known_allocation():
     assert got["peak_mb"] == pytest.approx(got["rss_before_mb"] + got["delta_mb"])
 
 
+@pytest.mark.slow
 def test_isolated_backend_equals_the_in_process_call():
     """The child rebuilds the model from its spec, the key from its seed and float64 from the
     flag: its K-FAC scores equal those computed here (same program, same CPU)."""
@@ -61,6 +62,7 @@ def test_refusals_name_the_reason():
         assert lb._refusal("exact", mlp, v_mlp, p) is None
 
 
+@pytest.mark.slow
 def test_smoke_run_in_process(tmp_path):
     """The smoke config end to end (backends in this process): every row ran, CG converged,
     the leave-one-out control equals θ* (same key, same data order: the same training run),
