@@ -52,7 +52,7 @@ _LOOP = ("grad_ascent", "grad_diff", "npo", "simnpo", "idk_dpo", "rmu", "undial"
 _DEFAULT = dict(persons=40, facts=10, world=20, width=64, depth=2, heads=4, epochs=100,
                 lr=3e-3, batch_size=16, splits=("forget01", "forget05", "forget10"),
                 methods=_LOOP + ("influence", "sisa"), unlearn_epochs=10, checkpoints=4,
-                method_options={"influence": {"backend": "ekfac_pcg", "damping": 1e-2,
+                method_options={"influence": {"backend": "pcg-ekfac", "damping": 1e-2,
                                               "maxiter": 200},
                                 "sisa": {"shards": 5, "slices": 1}},
                 seed=0)
@@ -62,7 +62,7 @@ CONFIGS = {
               "heads": 2, "epochs": 3, "splits": ("forget05",),
               "methods": ("grad_diff", "npo", "influence", "sisa"), "unlearn_epochs": 1,
               "checkpoints": 2,
-              "method_options": {"influence": {"backend": "cg", "damping": 1e-2, "maxiter": 20},
+              "method_options": {"influence": {"backend": "pcg-ekfac", "damping": 1e-2, "maxiter": 20},
                                  "sisa": {"shards": 2, "slices": 1}}},
 }
 HEADLINES = {
