@@ -62,7 +62,8 @@ CONFIGS = {
               "heads": 2, "epochs": 3, "splits": ("forget05",),
               "methods": ("grad_diff", "npo", "influence", "sisa"), "unlearn_epochs": 1,
               "checkpoints": 2,
-              "method_options": {"influence": {"backend": "pcg-ekfac", "damping": 1e-2, "maxiter": 20},
+              "method_options": {"influence": {"backend": "pcg-ekfac", "damping": 1e-2,
+                                               "maxiter": 20},
                                  "sisa": {"shards": 2, "slices": 1}}},
 }
 HEADLINES = {
