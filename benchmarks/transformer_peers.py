@@ -36,7 +36,7 @@ its float32 logits are asserted equal to JAX's to 1e-5 (relative to the largest 
 anything is timed.
 
 **Timed rows** (each in a fresh subprocess, cold: JIT compilation included for ours; peak RSS
-``ru_maxrss``): ``ekfac`` (``inverse.EKFAC``: factors with exact per-token output roots, no
+``VmHWM``): ``ekfac`` (``inverse.EKFAC``: factors with exact per-token output roots, no
 sampling), ``pcg-ekfac`` (``inverse.EKFACPCG``, CG to 1e-5, float32), ``kronfluence-ekfac``
 (``fit_all_factors`` + ``compute_pairwise_scores``). All in float32.
 
@@ -70,6 +70,15 @@ ROWS = ("ekfac", "pcg-ekfac", "kronfluence-ekfac")
 
 
 def _rss_mb() -> float:
+    """This process's peak resident memory (MB): ``VmHWM`` (reset by ``exec``; Linux keeps
+    ``ru_maxrss`` across ``exec``, so a child would report its parent's peak), else
+    ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
