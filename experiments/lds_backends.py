@@ -40,7 +40,7 @@ For each model, all in float64 (``jax.enable_x64``), seeded:
   (``isolate=True``): ``seconds`` is the wall time of ``influence_up_loss`` there (cold:
   XLA compilation, preparation — factors, eigenpairs, Nyström sketch — the batched solve
   and the streamed scores); ``peak_mb`` is that process's peak resident set
-  (``getrusage(RUSAGE_SELF).ru_maxrss``: all of it, Python, JAX runtime, data and compiler
+  (``VmHWM`` of ``/proc/self/status``: all of it, Python, JAX runtime, data and compiler
   included), and ``delta_mb`` = ``peak_mb`` − the resident set just before the call (from
   ``/proc/self/statm``): what the backend added at its peak, XLA buffers and compilation
   included. XLA's CPU client reports no allocator statistics, and ``tracemalloc`` sees only
@@ -196,7 +196,16 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    """This process's peak resident set so far (``ru_maxrss``, KiB on Linux), MiB."""
+    """This process's peak resident set so far, MiB: ``VmHWM`` of ``/proc/self/status``
+    (reset by ``exec``; ``getrusage``'s ``ru_maxrss`` is not — a child started by a large
+    parent would report the parent's peak), else ``ru_maxrss`` off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
