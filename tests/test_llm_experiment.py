@@ -34,6 +34,7 @@ def test_ensemble_oracle_equals_train_retrain():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # ~1 min on 2 free cores: four methods' programs compile
 def test_smoke_run_has_every_curve_and_row(tmp_path):
     path = runner.run_experiment(llm_unlearning, config="smoke", out=tmp_path)
     res = json.loads(path.read_text())["results"]
