@@ -20,9 +20,10 @@ must be trained separately" is here the exact oracle of each split, trained in o
 SimNPO, IdkDPO, RMU, UNDIAL: losses and defaults of open-unlearning, run lengths adapted to the
 tiny model — see each module), each with ``checkpoint_every`` so the curve shows forget quality
 vs model utility over unlearning steps; second-order unlearning of the transformer: influence
-unlearning (one damped Gauss–Newton step, Nyström-preconditioned CG: on the transformer
-EK-FAC-preconditioned CG needs more curvature products than plain CG — see
-``tests/test_transformer.py`` — and its factors cost V backward passes per token); SISA over
+unlearning (one damped Gauss–Newton step by CG, 30 curvature products: on the transformer
+EK-FAC-preconditioned CG needs more products than plain CG — see ``tests/test_transformer.py``
+— its factors cost V backward passes per token, and the rank-50 Nyström sketch's 50 batched
+GGN products over the whole corpus ran out of 24 GB here); SISA over
 persons (whole persons dealt to shards, :func:`unlearn.sisa.make_layout` with groups; the
 aggregate is the shards' mean output); and the reference points ``retrain`` (the oracle itself) and
 ``original`` (do nothing).
@@ -57,8 +58,8 @@ _LOOP = ("grad_ascent", "grad_diff", "npo", "simnpo", "idk_dpo", "rmu", "undial"
 _DEFAULT = dict(persons=40, facts=10, world=20, width=64, depth=2, heads=4, epochs=100,
                 lr=3e-3, batch_size=16, splits=("forget01", "forget05", "forget10"),
                 methods=_LOOP + ("influence", "sisa"), unlearn_epochs=10, checkpoints=4,
-                method_options={"influence": {"backend": "pcg", "damping": 1e-2,
-                                              "maxiter": 100},
+                method_options={"influence": {"backend": "cg", "damping": 1e-2,
+                                              "maxiter": 30},
                                 "sisa": {"shards": 5, "slices": 1}},
                 seed=0)
 CONFIGS = {
