@@ -77,8 +77,8 @@ HEADLINES = {
     "corpus_sizes": ("results.corpus.stats.qa", "exact"),
     "train_tokens": ("results.corpus.stats.train_tokens", "exact"),
     "oracle_forget_quality": ("results.reference.*.retrain.forget_quality", "exact"),
-    "other_seed_retrain_fq_above_0.05": ("results.checks.other_seed_fq_above_0.05", "exact"),
-    "original_fq_below_0.05": ("results.checks.original_fq_below_0.05", "exact"),
+    "other_seed_retrain_fq_above_p05": ("results.checks.other_seed_fq_above_p05", "exact"),
+    "original_fq_below_p05": ("results.checks.original_fq_below_p05", "exact"),
     "original_model_utility": ("results.reference.*.original.model_utility", "accuracy"),
     "original_forget_rouge": ("results.reference.*.original.forget_rouge", "accuracy"),
 }
@@ -200,9 +200,9 @@ def run(*, persons, facts, world, width, depth, heads, epochs, lr, batch_size, s
                           **reference[split][ref_name]})
     for split in splits:
         reference[split].pop("oracle_ref")
-    checks = {"other_seed_fq_above_0.05": [reference[s]["retrain_other_seed"]["forget_quality"]
+    checks = {"other_seed_fq_above_p05": [reference[s]["retrain_other_seed"]["forget_quality"]
                                            > 0.05 for s in splits],
-              "original_fq_below_0.05": [reference[s]["original"]["forget_quality"] < 0.05
+              "original_fq_below_p05": [reference[s]["original"]["forget_quality"] < 0.05
                                          for s in splits]}
     return {"checks": checks,
             "corpus": {"digest": bench.digest(), "stats": stats, "seq_len": seq_len,
