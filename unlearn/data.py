@@ -637,19 +637,10 @@ def tfds_split(
     ids are ``<split>/<record index>``. With ``download=False`` (the default) a dataset that is
     not prepared fails at once with the command that prepares it.
     """
-    import tensorflow_datasets as tfds
 
     out, info = {}, None
     for sp in ("train", "test"):
-        try:
-            ds = tfds.data_source(name, split=sp, data_dir=data_dir, download=download)
-        except Exception as e:  # tfds raises several types when a set is absent
-            raise FileNotFoundError(
-                f"TFDS dataset {name!r} (split {sp!r}) is not prepared in data_dir={data_dir!r} "
-                f"({e.__class__.__name__}: {str(e)[:200]}). Prepare it once with network "
-                f"access: `tfds build {name}` or `python -c \"import tensorflow_datasets as "
-                f"tfds; tfds.data_source('{name}', download=True)\"`, or pass download=True."
-            ) from e
+        ds = _tfds_source(name, sp, data_dir, download)
         info = getattr(ds, "dataset_info", info)
         n = len(ds) if max_examples is None else min(len(ds), max_examples)
         recs = [ds[i] for i in range(n)]

@@ -77,6 +77,14 @@ def influence_scores(apply: Apply, params: Params, x: Array, y: Array, s: Array,
     compiled function (the last chunk padded), since convolutions inside an XLA loop are
     slow on CPU (docs/architecture.md).
     """
+    return _over_chunks(lambda xc, yc: _scores_chunk(apply, params, xc, yc, s), x, y,
+                        chunk_size)
+
+
+def _over_chunks(fn, x: Array, y: Array, chunk_size: int) -> Array:
+    """``fn(x_chunk, y_chunk)`` (outputs with the examples on axis 1) over chunks of the
+    examples, concatenated: a Python loop of one compiled shape, the last chunk padded with
+    copies of its first row (cut off again)."""
     n = x.shape[0]
     chunk = int(min(chunk_size, n))
     out = []
@@ -86,7 +94,7 @@ def influence_scores(apply: Apply, params: Params, x: Array, y: Array, s: Array,
         if m < chunk:  # pad to the compiled shape
             xc = jnp.concatenate([xc, jnp.repeat(xc[:1], chunk - m, axis=0)])
             yc = jnp.concatenate([yc, jnp.repeat(yc[:1], chunk - m, axis=0)])
-        out.append(_scores_chunk(apply, params, xc, yc, s)[:, :m])
+        out.append(fn(xc, yc)[:, :m])
     return jnp.concatenate(out, axis=1)
 
 
@@ -205,17 +213,8 @@ def token_scores(apply: Apply, params: Params, x: Array, y: Array, s: Array,
     s = jnp.asarray(s)
     if s.ndim != 2:
         raise ValueError(f"s must be (m, p) directions as rows; got shape {s.shape}.")
-    n = x.shape[0]
-    chunk = int(min(chunk_size, n))
-    out = []
-    for start in range(0, n, chunk):
-        xc, yc = x[start:start + chunk], y[start:start + chunk]
-        m = xc.shape[0]
-        if m < chunk:  # pad to the compiled shape
-            xc = jnp.concatenate([xc, jnp.repeat(xc[:1], chunk - m, axis=0)])
-            yc = jnp.concatenate([yc, jnp.repeat(yc[:1], chunk - m, axis=0)])
-        out.append(_token_scores_chunk(apply, fn, params, xc, yc, s)[:, :m])
-    return jnp.concatenate(out, axis=1)
+    return _over_chunks(lambda xc, yc: _token_scores_chunk(apply, fn, params, xc, yc, s), x, y,
+                        chunk_size)
 
 
 def token_influence(curv: Curvature, x_test: Array, y_test: Array,
