@@ -108,6 +108,22 @@ class Influence(NamedTuple):
     solution: solvers.Solution
 
 
+def _test_directions(curv: Curvature, x_test: Array, y_test: Array, backend, damping: float,
+                     what: str):
+    r"""One batched solve :math:`(H+\lambda_d)^{-1}\nabla m(z_t)` for every test point with
+    ``backend`` (prepared here, or already an :class:`InverseCurvature`; default
+    :class:`Exact`); warns when it did not converge. Returns the :class:`Solution`."""
+    prepared = (backend if isinstance(backend, InverseCurvature)
+                else (Exact() if backend is None else backend).prepare(curv, damping))
+    sol = prepared.apply(example_gradients(curv.apply, curv.params, x_test, y_test,
+                                           measure=True))
+    if np.any(~np.asarray(sol.converged)):
+        warnings.warn(f"{what} ({prepared.backend.name}): solve did not converge, relative "
+                      f"residual {float(jnp.max(sol.residual)):.2e}", RuntimeWarning,
+                      stacklevel=3)
+    return sol
+
+
 def influence_up_loss(curv: Curvature, x_test: Array, y_test: Array,
                       backend: Backend | InverseCurvature | None = None, *,
                       damping: float = 0.0, chunk_size: int = 512) -> Influence:
@@ -122,14 +138,7 @@ def influence_up_loss(curv: Curvature, x_test: Array, y_test: Array,
     The scores are then streamed over the training set in chunks by :func:`influence_scores`
     (no ``n × p`` gradient matrix).
     """
-    prepared = (backend if isinstance(backend, InverseCurvature)
-                else (Exact() if backend is None else backend).prepare(curv, damping))
-    g_test = example_gradients(curv.apply, curv.params, x_test, y_test, measure=True)
-    sol = prepared.apply(g_test)
-    if np.any(~np.asarray(sol.converged)):
-        warnings.warn(f"influence ({prepared.backend.name}): solve did not converge, relative "
-                      f"residual {float(jnp.max(sol.residual)):.2e}", RuntimeWarning,
-                      stacklevel=2)
+    sol = _test_directions(curv, x_test, y_test, backend, damping, "influence")
     scores = -influence_scores(curv.apply, curv.params, curv.x, curv.y, sol.x,
                                chunk_size=chunk_size)
     return Influence(scores, sol.x, sol)
@@ -243,14 +252,7 @@ def token_influence(curv: Curvature, x_test: Array, y_test: Array,
     :func:`token_scores` in chunks of ``chunk_size`` sequences.
     """
     fn = token_losses_of(curv.apply) if token_loss is None else token_loss
-    prepared = (backend if isinstance(backend, InverseCurvature)
-                else (Exact() if backend is None else backend).prepare(curv, damping))
-    g_test = example_gradients(curv.apply, curv.params, x_test, y_test, measure=True)
-    sol = prepared.apply(g_test)
-    if np.any(~np.asarray(sol.converged)):
-        warnings.warn(f"token influence ({prepared.backend.name}): solve did not converge, "
-                      f"relative residual {float(jnp.max(sol.residual)):.2e}", RuntimeWarning,
-                      stacklevel=2)
+    sol = _test_directions(curv, x_test, y_test, backend, damping, "token influence")
     scores = -token_scores(curv.apply, curv.params, curv.x, curv.y, sol.x,
                            chunk_size=chunk_size, token_loss=fn)
     return Influence(scores, sol.x, sol)
