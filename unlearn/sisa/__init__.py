@@ -53,7 +53,10 @@ axis so shards train in parallel on devices (each device loops over its own shar
 Persistent model: ``python -m unlearn.sisa train|forget|predict|verify|status`` over a model
 directory (one orbax checkpoint per shard and stage, an append-only JSON-lines deletion ledger,
 an OS writer lock and a purge of everything trained on forgotten data);
-see :mod:`unlearn.sisa.store` and :func:`cli`.
+see :mod:`unlearn.sisa.store` and :func:`cli`. Launched in several processes with
+``$UNLEARN_COORDINATOR``, ``$UNLEARN_NUM_PROCESSES`` and ``$UNLEARN_PROCESS_ID`` (one
+``jax.distributed`` program), the shards train on every device of every process and process 0
+alone writes the directory (the store's "Several processes").
 
 Layout of the package: :mod:`~unlearn.sisa.plan` (plan, layout, epochs per slice),
 :mod:`~unlearn.sisa.train` (the compiled stages, ``train``, ``forget``, ``predict``),

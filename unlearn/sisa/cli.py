@@ -3,7 +3,14 @@
 Exit status: 0 success, 1 ``verify`` found a difference (or could not check), 2 a clear error
 that names the wrong argument (message on stderr; every file of the directory but the lock
 files byte-identical, and a refused ``train`` leaves no directory it created; see
-:mod:`unlearn.sisa.store`)."""
+:mod:`unlearn.sisa.store`).
+
+Several processes: with ``$UNLEARN_COORDINATOR`` (``host:port`` of process 0),
+``$UNLEARN_NUM_PROCESSES`` and ``$UNLEARN_PROCESS_ID`` set, the same command launched in every
+process runs as one program (:func:`unlearn.runtime.from_env`, called before any JAX array):
+the shards train on every device of every process, process 0 alone writes the directory, and
+every process prints the same result or the same error with the same exit status (the store's
+"Several processes"). Without them nothing changes."""
 
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ def cli(argv: list[str] | None = None) -> int:
     """``python -m unlearn.sisa {train,forget,predict,verify,status} MODEL_DIR ...``"""
     a = _parser().parse_args(argv)
     try:
+        runtime.from_env()  # several processes as one program, when the variables say so
         if a.cmd in ("train", "forget", "verify", "predict"):
             # keep compiled programs between runs: a second forget does not recompile
             runtime.compile_cache()

@@ -34,10 +34,29 @@ or in which slot; units still record the slot count of the program that produced
 verify replays (redundant since the engine change, kept as a belt-and-braces check).
 Retraining is deterministic on one machine, so any difference —
 e.g. a forgotten example still in the training set — shows as a non-zero difference.
+
+**Several processes** (issue 31). After :func:`unlearn.runtime.initialize` (the CLI: the
+``$UNLEARN_COORDINATOR``, ``$UNLEARN_NUM_PROCESSES``, ``$UNLEARN_PROCESS_ID`` variables,
+:func:`unlearn.runtime.from_env`) every process runs the same command with the same arguments
+as one SPMD program: training and the retraining of ``forget`` and ``verify`` lay the shard axis
+on :func:`unlearn.distributed.global_mesh` (every device of every process) and every process
+calls the same jitted computations in the same order. Only the writer, process 0, touches the
+directory: it makes it, takes the writer lock, decides what a request means (ids, already
+forgotten, a busy or damaged directory), writes the units, manifests and the ledger line,
+purges and recovers; the other processes take no writer lock and only read (under the shared
+read lock, like any reader), after process 0 holds the writer lock. Every step ends with an
+agreement (:func:`_together`: the processes exchange their outcomes through JAX's coordination
+service, no device collective, so a long write or a wait for the lock meets no collective
+timeout): if any process failed, every process raises the error of the first one that did,
+same type and message; a result the writer alone knows (``forget``'s) is the writer's on every
+process. So every process returns the same result or raises the same error, after the writer
+has finished writing. The ledger, lock and crash-safety semantics are those of one process.
+Without ``jax.distributed`` nothing of this runs: one process, its own devices.
 """
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import fcntl
 import importlib
@@ -47,15 +66,17 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
 
 import jax
 import numpy as np
 
-from unlearn import engine
+from unlearn import distributed, engine, runtime
 from unlearn.data import stable_hash
+from unlearn.sisa import checkpoints as _checkpoints
 from unlearn.sisa.checkpoints import _load_ckpts, _write_version
 from unlearn.sisa.ledger import (
     CONFIG,
@@ -138,41 +159,70 @@ def create(root: str | Path, *, data: str, model: str = "mlp", shards: int = 4, 
     and its parents are removed if it created them, else the files it added. Errors name the
     argument (``--shards``, ``--model``, ...)."""
     root = Path(root)
-    plan = _plan(shards, slices, assignment, overlap)
-    check_config(SimpleNamespace(epochs=epochs, lr=lr, batch_size=batch_size, l2=l2))
-    tc = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, l2=l2)
-    _check_fraction(test_fraction)
-    taken = _check_new_dir(root)
-    # everything that can be wrong with the input is found before the directory is made
-    kw_json = _model_kwargs_json(model_kwargs)
-    ds, copy, m = _training_inputs(data, model, kw_json, seed, test_fraction, tc)
-    key = jax.random.key(seed)
-    if plan.shards > len(ds):
-        raise ValueError(f"shards={shards} (--shards) is more than the {len(ds)} training "
-                         "examples of --data: use at most one shard per example (far fewer in "
-                         "practice).")
-    layout = make_layout(plan, ds, key)
-    made = _mkdirs(root)
-    lock_existed = (root / LOCK).exists()
-    # a lock that times out belongs to another `train` of the same directory: nothing to undo
-    with write_lock(root, "train", lock_timeout):
-        if any(p.exists() for p in taken):
-            raise FileExistsError(f"{root} already holds a SISA model (written by another "
-                                  "process meanwhile); pick a new directory.")
-        before = set(os.listdir(root))
+    mesh = _join()
+
+    def check():  # every input error is found before the directory is made
+        plan = _plan(shards, slices, assignment, overlap)
+        check_config(SimpleNamespace(epochs=epochs, lr=lr, batch_size=batch_size, l2=l2))
+        tc = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, l2=l2)
+        _check_fraction(test_fraction)
+        taken = _check_new_dir(root)
+        kw_json = _model_kwargs_json(model_kwargs)
+        ds, copy, m = _training_inputs(data, model, kw_json, seed, test_fraction, tc)
+        key = jax.random.key(seed)
+        if plan.shards > len(ds):
+            raise ValueError(f"shards={shards} (--shards) is more than the {len(ds)} training "
+                             "examples of --data: use at most one shard per example (far fewer "
+                             "in practice).")
+        _check_mesh(plan, mesh)
+        return SimpleNamespace(plan=plan, tc=tc, taken=taken, kw_json=kw_json, ds=ds,
+                               copy=copy, m=m, key=key, layout=make_layout(plan, ds, key))
+
+    c = _together(check)
+    w = SimpleNamespace(made=[], lock_existed=False, before=set())
+    with ExitStack() as held:
+
+        def take_dir():  # the writer only
+            w.made = _mkdirs(root)
+            w.lock_existed = (root / LOCK).exists()
+            # a lock that times out belongs to another `train` of the same directory: nothing
+            # to undo
+            held.enter_context(write_lock(root, "train", lock_timeout))
+            if any(p.exists() for p in c.taken):
+                raise FileExistsError(f"{root} already holds a SISA model (written by another "
+                                      "process meanwhile); pick a new directory.")
+            w.before = set(os.listdir(root))
+
+        _together(take_dir, writer_only=True, wait_s=lock_timeout + _WAIT_S)
         try:
-            state = train(m, ds, tc, plan, key, layout=layout)
-            check_finite(state.ckpts)
+            state = _together(lambda: _train_checked(c, mesh))
             cfgd = {"format": FORMAT, "data": data, "model": model,
-                    "model_kwargs": json.loads(kw_json), "seed": seed,
-                    "test_fraction": test_fraction, "num_classes": ds.num_classes,
-                    "plan": dataclasses.asdict(plan),
+                    "model_kwargs": json.loads(c.kw_json), "seed": seed,
+                    "test_fraction": test_fraction, "num_classes": c.ds.num_classes,
+                    "plan": dataclasses.asdict(c.plan),
                     "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "l2": l2}}
-            _commit_training(root, state, ds, copy, cfgd)
-        except BaseException:
-            _undo_train(root, before, made, lock_existed)
+            _together(lambda: _commit_training(root, state, c.ds, c.copy, cfgd),
+                      writer_only=True)
+        except BaseException as e:
+            _after_error(e, lambda: _undo_train(root, w.before, w.made, w.lock_existed))
             raise
     return state
+
+
+def _train_checked(c: SimpleNamespace, mesh) -> SisaState:
+    state = train(c.m, c.ds, c.tc, c.plan, c.key, layout=c.layout, mesh=mesh)
+    check_finite(state.ckpts)
+    return state
+
+
+def _check_mesh(plan: Plan, mesh) -> None:
+    """In a multi-process program the shard axis is laid on every device of every process."""
+    if mesh is None or plan.shards % mesh.devices.size == 0:
+        return
+    n = mesh.devices.size
+    raise ValueError(f"shards={plan.shards} (--shards): the {jax.process_count()} processes "
+                     f"train the shards on their {n} devices together, so --shards must be a "
+                     f"multiple of {n}.")
 
 
 def _plan(shards, slices, assignment, overlap):
@@ -287,8 +337,9 @@ def load(root: str | Path, *, need_train: bool = True):
     deleted is a zero row, never trained on: ``alive`` is False). A retained example whose file
     is missing is an error unless ``need_train=False`` (prediction). After the checks pass it
     finishes an interrupted writer's work if no writer is active (module docstring)."""
-    st, d, test, _ = _state(open_dir(root), need_train)
-    _recover(d)
+    _join()
+    st, d, test, _ = _together(lambda: _state(open_dir(root), need_train))
+    _reader_recover(d)
     return st, d.version, test
 
 
@@ -297,17 +348,28 @@ def evaluate(root: str | Path, how: str = "mean_prob") -> dict:
     trained with ``test_fraction=0`` has no held-out split: that is an error saying so."""
     if how not in ("mean_prob", "vote"):
         raise ValueError(f"how={how!r} (--how): choose 'mean_prob' or 'vote'.")
-    st, d, test, _ = _state(open_dir(root), need_train=False)
+    _join()
+    st, d, test, _ = _together(lambda: _scorable(root, _state(open_dir(root),
+                                                               need_train=False)))
+    _reader_recover(d)
+    # every process scores the whole test split itself (the same numbers: no sum spans
+    # processes, so the accuracy does not depend on their number)
+    acc = _together(lambda: float(np.mean(np.argmax(np.asarray(predict(st, test.x, how)), -1)
+                                          == test.y)))
+    return {"version": d.version, "test_accuracy": acc, "aggregation": how,
+            "test_examples": len(test)}
+
+
+def _scorable(root, opened):
+    """``opened`` (:func:`_state`'s result) if its test split is not empty, else the error."""
+    _, d, test, _ = opened
     if len(test) == 0:
         why = ("it was trained with --test-fraction 0, on every example"
                if d.cfg.get("test_fraction") == 0 else "its data has no example outside the "
                "training set")
         raise ValueError(f"{root} has no held-out test split to score ({why}); predict "
                          "measures test accuracy, so there is nothing to measure.")
-    _recover(d)
-    acc = float(np.mean(np.argmax(np.asarray(predict(st, test.x, how)), -1) == test.y))
-    return {"version": d.version, "test_accuracy": acc, "aggregation": how,
-            "test_examples": len(test)}
+    return opened
 
 
 def _state(d: Dir, need_train: bool):
@@ -327,7 +389,7 @@ def _state(d: Dir, need_train: bool):
                             "files, or forget them with `forget --ids ...`.")
     layout = Layout(d.ids, d.shard, d.slice, stable_hash(d.ids))
     st = SisaState(model, tc, plan, key, tr, layout, alive, ckpts,
-                   engine.resolve_strategy(model, "auto"))
+                   engine.resolve_strategy(model, "auto"), _mesh())
     return st, d, test, present
 
 
@@ -398,32 +460,52 @@ def forget_persistent(root: str | Path, names: Sequence[str], *,
     no-op. Works after the forgotten files were deleted from the data.
     """
     root = Path(root)
-    _check_root(root)
-    with write_lock(root, "forget " + " ".join(map(str, names))[:200], lock_timeout):
-        d = open_dir(root)  # reads only: every check below runs before the first write
-        ids, notes = _request_ids(d, names)
-        gone = d.forgotten()
-        already = {i: f"already forgotten by request {gone[i]}" for i in ids if i in gone}
-        todo = [i for i in ids if i not in gone]
-        if not todo:
-            _recover_locked(root)
-            return {"noop": True, "version": d.version, "not_trained_on": notes,
+    _join()
+    w = SimpleNamespace(d=None)
+    with ExitStack() as held:
+
+        def decide():  # the writer only, under its lock; reads only
+            _check_root(root)
+            held.enter_context(write_lock(root, "forget " + " ".join(map(str, names))[:200],
+                                          lock_timeout))
+            d = w.d = open_dir(root)  # reads only: every check below runs before the first write
+            ids, notes = _request_ids(d, names)
+            gone = d.forgotten()
+            already = {i: f"already forgotten by request {gone[i]}" for i in ids if i in gone}
+            todo = [i for i in ids if i not in gone]
+            if not todo:
+                _recover_locked(root)
+                return {"noop": True, "version": d.version, "not_trained_on": notes,
+                        "already_forgotten": already}
+            return {"noop": False, "todo": todo, "not_trained_on": notes,
                     "already_forgotten": already}
-        new, stats, d = _retrain(d, todo)
-        # the checks passed: from here on the directory changes. First finish what an
-        # interrupted writer left (a torn ledger line must go before this request's line).
-        _recover_locked(root)
-        v = d.version + 1
-        digest = _write_version(root, v, new.ckpts, _forget_meta(d, new, todo, v))
-        _crash_point("after_checkpoint")
-        _append_ledger(root, {"request": v, "op": "forget", "version": v, "ids": todo,
-                              "digest": digest, "time": time.time(), "pid": os.getpid(),
-                              "host": socket.gethostname(),
-                              "shards_retrained": stats["shards_retrained"]})
-        _crash_point("after_ledger")
-        purged = _purge(_read_dir(root))
-    return {"noop": False, "version": v, "forgotten": todo, "purged_files": purged,
-            "not_trained_on": notes, "already_forgotten": already, **stats}
+
+        req = _together(decide, writer_only=True, share=True, wait_s=lock_timeout + _WAIT_S)
+        if req["noop"]:
+            return req
+        todo, notes, already = req["todo"], req["not_trained_on"], req["already_forgotten"]
+        # every process loads the served version (the writer holds the lock: it cannot change)
+        state, d = _together(lambda: _retrain_inputs(w.d if w.d is not None else
+                                                     open_dir(root), todo))
+        new, stats = _together(lambda: _retrain_run(state, todo))
+
+        def commit():  # the writer only
+            # the checks passed: from here on the directory changes. First finish what an
+            # interrupted writer left (a torn ledger line must go before this request's line).
+            _recover_locked(root)
+            v = d.version + 1
+            digest = _write_version(root, v, new.ckpts, _forget_meta(d, new, todo, v))
+            _crash_point("after_checkpoint")
+            _append_ledger(root, {"request": v, "op": "forget", "version": v, "ids": todo,
+                                  "digest": digest, "time": time.time(), "pid": os.getpid(),
+                                  "host": socket.gethostname(),
+                                  "shards_retrained": stats["shards_retrained"]})
+            _crash_point("after_ledger")
+            purged = _purge(_read_dir(root))
+            return {"noop": False, "version": v, "forgotten": todo, "purged_files": purged,
+                    "not_trained_on": notes, "already_forgotten": already, **stats}
+
+        return _together(commit, writer_only=True, share=True)
 
 
 def _request_ids(d: Dir, names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
@@ -442,19 +524,25 @@ def _request_ids(d: Dir, names: Sequence[str]) -> tuple[list[str], dict[str, str
     return ids, notes
 
 
-def _retrain(d: Dir, todo: list[str]) -> tuple[SisaState, dict, Dir]:
-    """``(new state, stats, directory as re-read)``: the served version with the units that
-    saw ``todo`` retrained, in memory. Retained examples missing from the data, and retraining
-    that diverged, are errors. Reads only."""
+def _retrain_inputs(d: Dir, todo: list[str]) -> tuple[SisaState, Dir]:
+    """``(state, directory as re-read)``: the served version, checked to be retrainable for
+    ``todo`` (retained examples missing from the data are an error). Reads only."""
     state, d, _, present = _state(d, need_train=False)
     missing = np.setdiff1d(state.data.ids[state.alive & ~present], todo)
     if len(missing):
         raise ModelDirError(f"retained examples {missing[:10].tolist()} ({len(missing)} in "
                             "all) are no longer in the data but were never forgotten: "
                             "restore those files, or add them to --ids.")
+    return state, d
+
+
+def _retrain_run(state: SisaState, todo: list[str]) -> tuple[SisaState, dict]:
+    """``(new state, stats)``: the units that saw ``todo`` retrained, in memory (on the
+    state's mesh: every process of a multi-process program). Retraining that diverged is an
+    error."""
     new, stats = forget(state, todo)
     check_finite(new.ckpts, "retraining")
-    return new, stats, d
+    return new, stats
 
 
 def _forget_meta(d: Dir, new: SisaState, todo: list[str], v: int) -> list[list[dict]]:
@@ -480,8 +568,15 @@ def verify(root: str | Path) -> dict:
     forgotten example (every shard if nothing was forgotten) and compare bit for bit with the
     stored units (see the module docstring for why this is exact). Retained examples missing
     from the data are listed, and their shards reported unverifiable (``ok`` false)."""
-    state, d, _, present = _state(open_dir(root), need_train=False)
-    _recover(d)
+    _join()
+    state, d, _, present = _together(lambda: _state(open_dir(root), need_train=False))
+    _reader_recover(d)
+    return _together(lambda: _check_units(state, d, present))
+
+
+def _check_units(state: SisaState, d: Dir, present: np.ndarray) -> dict:
+    """``verify``'s comparison (on the state's mesh: every process of a multi-process
+    program retrains the checked shards together)."""
     lay = state.layout
     missing = state.data.ids[state.alive & ~present]
     gone = state.data.ids[~state.alive]
@@ -553,7 +648,7 @@ def _rerun_group(state: SisaState, ref, group: list[int], heads: dict, k: int, x
     pad = (others * k)[: k - len(group)]
     sh = np.array(group + pad)
     st = np.array([heads[s][0] - 1 for s in group] + [R] * len(pad))
-    ck, _ = _sisa_train._run_stages(state._replace(ckpts=ref, mesh=None), sh, st, x, y)
+    ck, _ = _sisa_train._run_stages(state._replace(ckpts=ref), sh, st, x, y)
     for s in group:
         a, b, _ = heads[s]
         ref = jax.tree.map(lambda dst, src, s=s, a=a, b=b: _put(dst, src, s, a, b), ref, ck)
@@ -574,7 +669,12 @@ def status(root: str | Path) -> dict:
     """Version served, requests, forgotten ids, shard sizes and the provenance of every stored
     checkpoint — computed from the directory alone (no data, no model code, no JAX
     compilation). It first finishes an interrupted writer's work when no writer is active."""
-    d = _recover(open_dir(root))
+    _join()
+    d = _reader_recover(_together(lambda: open_dir(root)))
+    return _together(lambda: _status(d))
+
+
+def _status(d: Dir) -> dict:
     gone = d.forgotten()
     plan = d.cfg["plan"]
     S, R = plan["shards"], plan["slices"]
@@ -607,3 +707,161 @@ def status(root: str | Path) -> dict:
             "forgotten_examples_in_stored_data": int(len(_stored_forgotten(d))),
             "unreferenced_files": sorted(stored - listed),
             "provenance": units}
+
+
+# ----------------------------------------------------------------------------- processes
+
+_WAIT_S = 24 * 3600.0  # how long a process waits for its peers at an agreement (a backstop:
+# JAX's coordination service notices a peer that died and ends the program)
+_AGREEMENTS = [0]
+_KEY = "unlearn-sisa-store"
+
+
+def _multi() -> bool:
+    """Whether this process is one of several (``jax.distributed`` initialised). Asked without
+    starting JAX's backends, so ``status`` and early refusals still start none in one process
+    (and ``runtime.initialize`` may still follow them)."""
+    return jax.distributed.is_initialized() and runtime.is_distributed()
+
+
+def _is_writer() -> bool:
+    return not _multi() or runtime.is_writer()
+
+
+def _mesh():
+    """The mesh the shard axis is laid on: every device of every process in a multi-process
+    program (:func:`unlearn.distributed.global_mesh`), else None (unchanged: no mesh)."""
+    return distributed.global_mesh() if _multi() else None
+
+
+def _join():
+    """Start of every command: in a multi-process program make orbax work per process (below);
+    returns :func:`_mesh`."""
+    if _multi() and not getattr(_checkpoints._quiet_orbax, "per_process", False):
+        real = _checkpoints._quiet_orbax
+
+        def per_process():
+            return _OrbaxPerProcess(real())
+
+        per_process.per_process = True
+        _checkpoints._quiet_orbax = per_process
+    return _mesh()
+
+
+class _OrbaxPerProcess:
+    """``orbax.checkpoint`` whose ``PyTreeCheckpointer()`` belongs to this process alone.
+
+    A default orbax checkpointer in a multi-process JAX program expects every process to call
+    each save and restore (it meets the others in device collectives, and only process 0
+    writes NumPy arrays); here one writer saves alone and every reader restores on its own. So
+    :mod:`unlearn.sisa.checkpoints` gets, through its ``_quiet_orbax``, checkpointers whose
+    primary host and only active process is this one: orbax then behaves as in a single
+    process. (The natural home of this is ``checkpoints._save_unit`` / ``_load_unit`` passing
+    ``multiprocessing_options``; it is installed from here by :func:`_join`, in multi-process
+    programs only.)"""
+
+    def __init__(self, ocp):
+        self._ocp = ocp
+
+    def __getattr__(self, name):
+        return getattr(self._ocp, name)
+
+    def PyTreeCheckpointer(self):  # noqa: N802 (orbax's name)
+        ocp, me = self._ocp, jax.process_index()
+        mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
+                                multiprocessing_options=mp)
+
+
+def _together(fn: Callable, *, writer_only: bool = False, share: bool = False,
+              wait_s: float = _WAIT_S):
+    """``fn()``, agreed by every process of a multi-process program; just ``fn()`` in one.
+
+    ``writer_only``: only process 0 runs ``fn`` (the others wait for its outcome). Then the
+    processes exchange outcomes through JAX's coordination service (a key-value store: no
+    device collective, so nothing times out while the writer writes or waits for the lock): if
+    any process raised, every process raises the error of the lowest-numbered one that did,
+    same type and message (its own exception on that process). ``share``: every process
+    returns process 0's result (JSON); else each its own."""
+    if not _multi():
+        return fn()
+    me = jax.process_index()
+    value, err = None, None
+    if not writer_only or _is_writer():
+        try:
+            value = fn()
+        except Exception as e:  # agreed below; an interrupt ends this process
+            err = e
+    if err is not None:
+        mine = {"error": [type(err).__name__, _message(err)]}
+    else:
+        mine = {"ok": value if share and me == 0 else None}
+    outcomes = _exchange(json.dumps(mine, default=_plain), wait_s)
+    for p, o in enumerate(outcomes):
+        if "error" in o:
+            if p == me:
+                raise err
+            raise _rebuild(*o["error"])
+    return outcomes[0]["ok"] if share else value
+
+
+def _exchange(text: str, wait_s: float) -> list[dict]:
+    """Every process's ``text`` (JSON), in process order: each sets its key of this agreement
+    in the coordination service's key-value store and reads the others' (blocking). Once it
+    has read every key of agreement n, every process has finished reading agreement n−1, so
+    its own key of n−1 is deleted (the store does not grow)."""
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    _AGREEMENTS[0] += 1
+    n, me = _AGREEMENTS[0], jax.process_index()
+    client.key_value_set(f"{_KEY}/{n}/{me}", text)
+    ms = int(min(wait_s, 2e6) * 1000)  # (an int32 of milliseconds: at most ~24 days)
+    out = [json.loads(client.blocking_key_value_get(f"{_KEY}/{n}/{p}", ms))
+           for p in range(jax.process_count())]
+    if n > 1:
+        client.key_value_delete(f"{_KEY}/{n - 1}/{me}")
+    return out
+
+
+def _message(e: BaseException) -> str:
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+def _rebuild(name: str, msg: str) -> Exception:
+    """Another process's error, as this process raises it: same type (this module's, or a
+    builtin one) and message; other types become RuntimeError naming theirs."""
+    cls = ModelDirError if name == ModelDirError.__name__ else getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(msg)
+        except Exception:  # an exception type with another constructor
+            pass
+    return RuntimeError(f"{name}: {msg}")
+
+
+def _plain(o):
+    """JSON for NumPy scalars and arrays in a shared result."""
+    if isinstance(o, np.generic | np.ndarray):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def _after_error(e: BaseException, undo: Callable) -> None:
+    """After a command failed: the writer's clean-up ``undo``. In a multi-process program the
+    processes then agree once more, so none returns before the directory is final (an
+    interrupt is not agreed: the writer cleans up alone)."""
+    if _multi() and isinstance(e, Exception):
+        _together(undo, writer_only=True)
+    elif _is_writer():
+        undo()
+
+
+def _reader_recover(d: Dir) -> Dir:
+    """A reader's :func:`~unlearn.sisa.ledger._recover` (after its checks passed). In a
+    multi-process program process 0 alone recovers, then every process reads the directory
+    again."""
+    if not _multi():
+        return _recover(d)
+    _together(lambda: _recover(d), writer_only=True)
+    return _together(lambda: open_dir(d.root))
