@@ -57,6 +57,19 @@ def _quiet_orbax():
     return ocp
 
 
+def _checkpointer(ocp):
+    """An orbax pytree checkpointer for this process alone. In one process orbax's default;
+    in a multi-process program one whose primary host and only active process is this one
+    (a default one expects every process to join each save and restore, but the SISA store
+    is written by process 0 alone and read by each process on its own)."""
+    if jax.process_count() == 1:
+        return ocp.PyTreeCheckpointer()
+    me = jax.process_index()
+    mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
+                            multiprocessing_options=mp)
+
+
 def _file_sums(d: Path) -> dict[str, str]:
     """sha256 of every file under a unit directory, by relative path."""
     out = {}
@@ -75,7 +88,7 @@ def _save_unit(root: Path, unit) -> tuple[str, dict]:
         return digest, _file_sums(final)
     ocp = _quiet_orbax()
     tmp = _tmp_name(final)
-    with ocp.PyTreeCheckpointer() as ck:  # closed: no orbax threads left at exit
+    with _checkpointer(ocp) as ck:  # closed: no orbax threads left at exit
         ck.save(tmp.resolve(), args=ocp.args.PyTreeSave(unit))
     for p in tmp.rglob("*"):
         if p.is_file():
@@ -103,7 +116,7 @@ def _load_unit(root: Path, u: dict, template):  # template: ShapeDtypeStructs
     ocp = _quiet_orbax()
     try:
         ra = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), template)
-        with ocp.PyTreeCheckpointer() as ck:
+        with _checkpointer(ocp) as ck:
             unit = ck.restore(d.resolve(), args=ocp.args.PyTreeRestore(item=template,
                                                                        restore_args=ra))
     except Exception as e:  # orbax raises many types for a damaged directory

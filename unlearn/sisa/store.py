@@ -76,7 +76,6 @@ import numpy as np
 
 from unlearn import distributed, engine, runtime
 from unlearn.data import stable_hash
-from unlearn.sisa import checkpoints as _checkpoints
 from unlearn.sisa.checkpoints import _load_ckpts, _write_version
 from unlearn.sisa.ledger import (
     CONFIG,
@@ -735,42 +734,8 @@ def _mesh():
 
 
 def _join():
-    """Start of every command: in a multi-process program make orbax work per process (below);
-    returns :func:`_mesh`."""
-    if _multi() and not getattr(_checkpoints._quiet_orbax, "per_process", False):
-        real = _checkpoints._quiet_orbax
-
-        def per_process():
-            return _OrbaxPerProcess(real())
-
-        per_process.per_process = True
-        _checkpoints._quiet_orbax = per_process
+    """Start of every command: the mesh the command computes on (:func:`_mesh`)."""
     return _mesh()
-
-
-class _OrbaxPerProcess:
-    """``orbax.checkpoint`` whose ``PyTreeCheckpointer()`` belongs to this process alone.
-
-    A default orbax checkpointer in a multi-process JAX program expects every process to call
-    each save and restore (it meets the others in device collectives, and only process 0
-    writes NumPy arrays); here one writer saves alone and every reader restores on its own. So
-    :mod:`unlearn.sisa.checkpoints` gets, through its ``_quiet_orbax``, checkpointers whose
-    primary host and only active process is this one: orbax then behaves as in a single
-    process. (The natural home of this is ``checkpoints._save_unit`` / ``_load_unit`` passing
-    ``multiprocessing_options``; it is installed from here by :func:`_join`, in multi-process
-    programs only.)"""
-
-    def __init__(self, ocp):
-        self._ocp = ocp
-
-    def __getattr__(self, name):
-        return getattr(self._ocp, name)
-
-    def PyTreeCheckpointer(self):  # noqa: N802 (orbax's name)
-        ocp, me = self._ocp, jax.process_index()
-        mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-        return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
-                                multiprocessing_options=mp)
 
 
 def _together(fn: Callable, *, writer_only: bool = False, share: bool = False,
