@@ -326,17 +326,27 @@ class NystromPCG(CG):
         return inv.state
 
 
+def _factors(backend, c: Curvature) -> kfac.KFACFactors:
+    key = None
+    if backend.samples is not None:
+        key = jax.random.PRNGKey(0) if backend.key is None else backend.key
+    return kfac.kfac_factors(c.apply, c.params, c.x, c.weights, chunk_size=backend.chunk_size,
+                             y=c.y, samples=backend.samples, key=key)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class EKFACPCG(CG):
-    """CG preconditioned by the EK-FAC inverse (dense layers). Exact answer."""
+    """CG preconditioned by the EK-FAC inverse (dense layers). Exact answer. ``samples``:
+    None for the exact output-Hessian roots, ``k`` for ``k`` sampled labels per example
+    drawn from ``key`` (``kfac.kfac_factors``; cheaper factors, the answer stays exact)."""
 
     chunk_size: int = 1024
+    samples: int | None = None
+    key: Array | None = None
     name: ClassVar[str] = "pcg-ekfac"
 
     def _prepare(self, c: Curvature, damping: float, op: Any) -> Any:
-        facs = kfac.kfac_factors(c.apply, c.params, c.x, c.weights, chunk_size=self.chunk_size,
-                                 y=c.y)
-        return kfac.kfac_inverse(facs, c.params, c.l2 + damping, "ekfac")
+        return kfac.kfac_inverse(_factors(self, c), c.params, c.l2 + damping, "ekfac")
 
     def _preconditioner(self, inv: InverseCurvature) -> Any:
         return inv.state
@@ -345,17 +355,18 @@ class EKFACPCG(CG):
 @dataclasses.dataclass(frozen=True, eq=False)
 class EKFAC(Backend):
     """The eigenvalue-corrected Kronecker-factored inverse of the GGN (George et al. 2018;
-    Grosse et al. 2023), dense layers only. Approximate."""
+    Grosse et al. 2023), dense layers only. Approximate. ``samples``/``key``: sampled-label
+    factors (as :class:`EKFACPCG`; None: exact roots)."""
 
     chunk_size: int = 1024
+    samples: int | None = None
+    key: Array | None = None
     name: ClassVar[str] = "ekfac"
     exact: ClassVar[bool] = False
     variant: ClassVar[str] = "ekfac"
 
     def _prepare(self, c: Curvature, damping: float, op: Any) -> Any:
-        facs = kfac.kfac_factors(c.apply, c.params, c.x, c.weights, chunk_size=self.chunk_size,
-                                 y=c.y)
-        return kfac.kfac_inverse(facs, c.params, c.l2 + damping, self.variant)
+        return kfac.kfac_inverse(_factors(self, c), c.params, c.l2 + damping, self.variant)
 
     def _solve(self, inv: InverseCurvature, rhs: Array):
         return jax.vmap(inv.state)(rhs), jnp.zeros(rhs.shape[0], jnp.int32), self.name
@@ -466,7 +477,8 @@ BACKENDS: dict[str, type[Backend]] = {
 
 def backend(name: str, **options: Any) -> Backend:
     """The backend called ``name`` (:data:`BACKENDS`) with those ``options`` it takes
-    (``tol``, ``maxiter``, ``block``, ``rank``, ``key``, ``chunk_size``, ``depth``, ``batch``,
+    (``tol``, ``maxiter``, ``block``, ``rank``, ``key``, ``chunk_size``, ``samples``, ``depth``,
+    ``batch``,
     ``hessian``); one option set can serve every backend, the others are not used."""
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}: choose one of {tuple(BACKENDS)}.")

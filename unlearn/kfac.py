@@ -52,8 +52,21 @@ logits ``(n, T, V)`` the output Hessian is block-diagonal over tokens,
 :math:`H_{it} = (m_{it}/c_i)(\operatorname{diag}p_{it} - p_{it}p_{it}^\top)`
 (:func:`unlearn.objective.sequence_output_root`); its ``T·V`` pseudo-samples per sequence are
 run ``V`` at a time (one token's block) in a ``lax.scan``. It depends on the padding mask, so
-``y`` is required. Cost: ``T·V`` backward passes per sequence and pass (exact, deterministic),
-against Grosse et al.'s one backward pass of a sampled-label loss (Monte-Carlo).
+``y`` is required. Cost: ``T·V`` backward passes per sequence and pass (exact, deterministic).
+
+**Sampled labels** (``samples=k``, the "true Fisher" estimate of Martens & Grosse 2015 §5 and
+Grosse et al. 2023 §2.2, kronfluence's default): instead of the root's columns, ``k``
+pseudo-samples :math:`c_{ij} = u_{ij}/\sqrt k` per example whose outer product is the
+output Hessian in expectation, :math:`\mathbb E[u u^\top] = H_i` — for the cross-entropies
+:math:`u_{t} = \sqrt{\mu_t}\,(p_t - e_{\hat y_t})` with a label :math:`\hat y_t \sim p_t`
+drawn from the model per token (independent over tokens, so the cross-token terms vanish in
+expectation; :math:`\mu_t = m_t/c` for the sequence loss, 1 for a classifier), for any other
+loss :math:`u = C_i z` with :math:`z \sim N(0, I)`. Every statistic above is linear in
+:math:`c_{ij}c_{ij}^\top`, so the factors, the EK-FAC eigenvalues and the diagonal blocks are
+unbiased estimates of the exact ones, at ``k`` backward passes per example instead of ``T·V``
+(one label draw per pass: the factor and correction passes draw independently). The draw of
+example ``i`` is ``fold_in(fold_in(key, pass), i)`` for its row ``i`` of ``x``: the same
+whatever the chunking, the processes or the devices.
 
 Both approximations are block-diagonal over layers; the inverse of the damped curvature
 :math:`G + (\lambda + \lambda_d) I` on a vector :math:`V` of one layer is
@@ -101,7 +114,13 @@ from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
-from unlearn.objective import loss_of, sequence_cross_entropy, sequence_output_root
+from unlearn.objective import (
+    _token_weights,
+    cross_entropy,
+    loss_of,
+    sequence_cross_entropy,
+    sequence_output_root,
+)
 
 Array = jax.Array
 PyTree = Any
@@ -255,11 +274,35 @@ def _pseudo_grads(apply, layout: _Layout, params, x, cots, with_diag: bool):
     return jax.vmap(one)(x, cots)
 
 
-def _blocks(apply, logits, y, dtype, step, acc):
+def _sampled(apply, logits, y, dtype, keys, samples: int) -> Array:
+    """``samples`` pseudo-sample cotangents per example, ``(m, samples, *out)``, with
+    :math:`\\mathbb E[cc^\top] = H_i/\text{samples}` (module docstring, "Sampled labels");
+    ``keys``: one per example."""
+    loss = loss_of(apply)
+    scale = 1.0 / math.sqrt(samples)
+    if loss.fn is cross_entropy or _is_sequence(apply):
+        p = jax.nn.softmax(logits.astype(dtype), axis=-1)
+        draw = jax.vmap(lambda k, z: jax.random.categorical(k, z, shape=(samples,) + z.shape[:-1]))
+        lab = draw(keys, logits.astype(dtype))  # (m, samples, *positions)
+        u = p[:, None] - jax.nn.one_hot(lab, p.shape[-1], dtype=dtype)
+        if _is_sequence(apply):
+            u = u * jnp.sqrt(_token_weights(y, dtype))[:, None, :, None]
+        return u * scale
+    k = math.prod(logits.shape[1:])
+    root = loss.output_root(logits, y, dtype)  # (m, K, K)
+    z = jax.vmap(lambda kk: jax.random.normal(kk, (k, samples), dtype))(keys)
+    return jnp.swapaxes(root @ z, 1, 2).reshape((logits.shape[0], samples) + logits.shape[1:]) \
+        * scale
+
+
+def _blocks(apply, logits, y, dtype, step, acc, keys=None, samples=None):
     """Run ``acc = step(acc, cots)`` over the pseudo-sample cotangents ``(m, P, *out)`` of
     the loss's output root: one block (``P = K``) for a flat root, ``T`` blocks of ``V`` (one
-    token's root each, in a ``lax.scan``) for the sequence loss."""
+    token's root each, in a ``lax.scan``) for the sequence loss; with ``samples``, one block
+    of that many sampled cotangents (:func:`_sampled`)."""
     m = logits.shape[0]
+    if samples is not None:
+        return step(acc, _sampled(apply, logits, y, dtype, keys, samples))
     if _is_sequence(apply):
         r = sequence_output_root(logits, y, dtype)  # (m, T, V, V)
         _, t, v, _ = r.shape
@@ -297,8 +340,8 @@ def _position_weights(apply, lay: _Layer, y, dtype, m: int) -> Array:
     return jnp.full((m,) + lay.lead, 1.0 / math.prod(lay.lead), dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("apply", "layout"))
-def _factor_pass(apply, layout, params, x, y, wbar):
+@functools.partial(jax.jit, static_argnames=("apply", "layout", "samples"))
+def _factor_pass(apply, layout, params, x, y, wbar, keys, samples):
     """This chunk's share of every ``A``, ``S`` and diagonal block."""
     dtype = wbar.dtype
     m = x.shape[0]
@@ -322,12 +365,12 @@ def _factor_pass(apply, layout, params, x, y, wbar):
         d_f = {k: d_f[k] + jnp.einsum("mj...,m->...", d[k] ** 2, wbar) for k in layout.diag}
         return new, d_f
 
-    s_f, d_f = _blocks(apply, logits, y, dtype, step, init)
+    s_f, d_f = _blocks(apply, logits, y, dtype, step, init, keys, samples)
     return a_f, s_f, d_f
 
 
-@functools.partial(jax.jit, static_argnames=("apply", "layout"))
-def _correction_pass(apply, layout, params, x, y, wbar, qa, qb):
+@functools.partial(jax.jit, static_argnames=("apply", "layout", "samples"))
+def _correction_pass(apply, layout, params, x, y, wbar, keys, samples, qa, qb):
     r"""This chunk's share of :math:`\Lambda^*_{ab} = \sum_i\bar w_i\sum_j
     (Q_A^\top D_{ij}Q_S)_{ab}^2`."""
     dtype = wbar.dtype
@@ -350,7 +393,7 @@ def _correction_pass(apply, layout, params, x, y, wbar, qa, qb):
                 out[k] = acc[k] + jnp.einsum("mjao,m->ao", dq ** 2, wbar)
         return out
 
-    return _blocks(apply, logits, y, dtype, step, init)
+    return _blocks(apply, logits, y, dtype, step, init, keys, samples)
 
 
 def _check_targets(apply, x, y) -> None:
@@ -364,7 +407,7 @@ def _check_targets(apply, x, y) -> None:
         raise ValueError(f"y has {jnp.shape(y)[0]} rows but x has {x.shape[0]} examples.")
 
 
-def _chunk(chunk_size: int, apply, layout: _Layout) -> int:
+def _chunk(chunk_size: int, apply, layout: _Layout, samples: int | None = None) -> int:
     """``chunk_size``, reduced for token models to keep one block's pseudo-gradients (per
     example: pseudo-samples × positions) within :data:`TOKEN_BUDGET`."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -372,17 +415,30 @@ def _chunk(chunk_size: int, apply, layout: _Layout) -> int:
     positions = max([math.prod(lay.lead) for _, lay in layout.dense] or [1])
     if positions == 1:
         return chunk_size
-    pseudo = layout.out[-1] if _is_sequence(apply) else math.prod(layout.out)
+    pseudo = samples or (layout.out[-1] if _is_sequence(apply) else math.prod(layout.out))
     return max(1, min(chunk_size, TOKEN_BUDGET // (pseudo * positions)))
 
 
 def kfac_factors(apply: Callable, params: PyTree, x: Array, w: Array | None = None,
-                 chunk_size: int = 1024, *, y: Array | None = None) -> KFACFactors:
+                 chunk_size: int = 1024, *, y: Array | None = None,
+                 samples: int | None = None, key: Array | None = None) -> KFACFactors:
     """K-FAC factors, EK-FAC corrected eigenvalues and diagonal blocks of the GGN at
     ``params`` (see module docstring), streamed over chunks of ``chunk_size`` examples
     (weights ``w``, default 1). ``y``: the targets — required when the loss's output Hessian
     depends on them (the sequence loss: its padding mask), ignored by the cross-entropy and
-    squared error. Integer inputs (token ids) are kept as they are."""
+    squared error. Integer inputs (token ids) are kept as they are.
+
+    ``samples``: None (default) for the exact output-Hessian roots; an int ``k`` ≥ 1 for
+    ``k`` sampled-label pseudo-samples per example (module docstring: unbiased, ``k``
+    backward passes per example and pass instead of ``K`` or ``T·V``), drawn from ``key``
+    (a ``jax.random`` key, required then)."""
+    if samples is not None:
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples={samples!r}: pass None (exact roots) or a positive int "
+                             "(sampled labels per example).")
+        if key is None:
+            raise ValueError("samples is set: pass key= (a jax.random key) for the label "
+                             "draws.")
     n = x.shape[0]
     theta, _ = ravel_pytree(params)
     dtype = theta.dtype
@@ -396,15 +452,20 @@ def kfac_factors(apply: Callable, params: PyTree, x: Array, w: Array | None = No
     _check_targets(apply, x, y)
     y = None if y is None else jnp.asarray(y)
     layout = _layout(apply, params, x)
-    chunk = _chunk(chunk_size, apply, layout)
+    chunk = _chunk(chunk_size, apply, layout, samples)
 
-    def part(s):
-        return x[s:s + chunk], None if y is None else y[s:s + chunk], wbar[s:s + chunk]
+    def part(s, stage):
+        keys = None
+        if samples is not None:
+            keys = jax.vmap(functools.partial(jax.random.fold_in, jax.random.fold_in(key, stage)))(
+                jnp.arange(s, min(s + chunk, n)))
+        return (x[s:s + chunk], None if y is None else y[s:s + chunk], wbar[s:s + chunk], keys,
+                samples)
 
     starts = range(0, n, chunk)
     acc = None
     for s in starts:
-        out = _factor_pass(apply, layout, params, *part(s))
+        out = _factor_pass(apply, layout, params, *part(s, 0))
         acc = out if acc is None else jax.tree.map(jnp.add, acc, out)
     a_f, s_f, diag = acc
     qa, qb, lam_k = {}, {}, {}
@@ -414,7 +475,7 @@ def kfac_factors(apply: Callable, params: PyTree, x: Array, w: Array | None = No
         lam_k[k] = jnp.maximum(ea, 0.0)[:, None] * jnp.maximum(eb, 0.0)[None, :]
     lam_e = None
     for s in starts:
-        out = _correction_pass(apply, layout, params, *part(s), qa, qb)
+        out = _correction_pass(apply, layout, params, *part(s, 1), qa, qb)
         lam_e = out if lam_e is None else jax.tree.map(jnp.add, lam_e, out)
     return KFACFactors(qa, qb, lam_k, lam_e, diag)
 
