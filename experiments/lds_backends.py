@@ -11,14 +11,19 @@ For each model, all in float64 (``jax.enable_x64``), seeded:
 * **θ*** — ``train.train(problem)``: Adam through the engine (``epochs``, ``batch_size``,
   ``lr``, L2 ``l2``); the MLP 784-32-10 (ReLU) and the tanh CNN (conv 3×3 ×(4, 8) + 2×2
   max-pool, dense 16) on the first ``n_train`` training images of mnist5k (real MNIST) and its
-  first ``n_test`` test images; the decoder-only transformer (width 32, depth 2, 2 heads) on
-  ``n_train`` sequences of ``data.char_corpus`` (32 tokens), tested on the next ``n_test``.
+  first ``n_test`` test images; the decoder-only transformer (width 16, depth 2, 2 heads,
+  7 536 parameters) on ``n_train`` = 128 sequences of ``data.char_corpus`` (16 tokens),
+  tested on the next ``n_test``.
 * **LDS** — for each of ``subset_seeds``: ``m`` random α-subsets (``lds.subset_masks``) and
   their models, trained as ONE engine ensemble with θ*'s recipe (``lds.subset_outputs``),
   measured (the task's loss: cross-entropy, or the per-sequence mean next-token loss) on the
   test examples. Each backend's influence scores (``influence.influence_up_loss``, Gauss–Newton
-  curvature, damping ``damping`` — 1e-3; the transformer's own ``damping`` 1e-2, since at 1e-3
-  its block CG ran for over 5 CPU-minutes without converging) are computed once — the
+  curvature, damping ``damping`` — 1e-3; the transformer's own ``damping`` 0.1, a few times
+  the mean eigenvalue of its GGN (0.024 — the trace of its EK-FAC over p — on a 10-epoch
+  model), since at 1e-2 block CG needed 256 batched products there (109 s on 2 cores) and at
+  0.1 100 (42 s); the transformer's K-FAC/EK-FAC factors use ``samples`` = 1 sampled label
+  per token, as kronfluence — exact roots cost T·V = 720 backward passes per sequence) are
+  computed once — the
   Krylov backends to relative residual ``cg_tol`` within ``cg_maxiter`` iterations, the
   table's "solve" column says whether they got there — and scored against every seed's subsets
   (``lds.score``: Spearman per test example). Reported: the LDS averaged over seeds; a 95 %
@@ -85,10 +90,10 @@ from unlearn.train import cast
 
 NAME = "lds_backends"
 ROOT = Path(__file__).resolve().parent.parent
-TIMING_NOTE = ("1748 s wall (29 min) at 07:39-08:09 UTC with load average 4-11 from other "
-               "agents' jobs on the 2 cores; 1292 CPU-s (process + children). Six transformer "
-               "backends hit backend_timeout=180 s, 1080 s of that wall time: the default does "
-               "NOT meet the ~6 min target yet")
+TIMING_NOTE = ("535 s wall (8.9 min) at 09:51-10:00 UTC, load average 1.8-2.4 (this run "
+               "alone on the 2 cores); 872 CPU-s (process + children). MLP 1.5 min, CNN 3 "
+               "min, transformer 4.4 min (its Krylov backends: CG 51 s, Nyström-PCG 28 s, "
+               "EK-FAC-PCG 84 s)")
 BACKENDS = ("exact", "cg", "pcg", "pcg-ekfac", "ekfac", "kfac", "arnoldi", "lissa")
 KFAC_BACKENDS = ("pcg-ekfac", "ekfac", "kfac")
 MODELS = ("mlp", "cnn", "transformer")
@@ -96,8 +101,8 @@ MODELS = ("mlp", "cnn", "transformer")
 _MLP = dict(n_train=1000, n_test=20, hidden=(32,), epochs=20, batch_size=64, lr=3e-3, l2=1e-3)
 _CNN = dict(n_train=500, n_test=20, features=(4, 8), dense=16, epochs=20, batch_size=64,
             lr=3e-3, l2=1e-3)
-_TRANSFORMER = dict(n_train=256, n_test=20, seq_len=32, width=32, depth=2, heads=2, epochs=10,
-                    batch_size=32, lr=3e-3, l2=1e-4, damping=1e-2)
+_TRANSFORMER = dict(n_train=128, n_test=20, seq_len=16, width=16, depth=2, heads=2, epochs=20,
+                    batch_size=32, lr=3e-3, l2=1e-4, damping=0.1, samples=1)
 _DEFAULT = dict(models={"mlp": _MLP, "cnn": _CNN, "transformer": _TRANSFORMER}, m=50,
                 alpha=0.5, subset_seeds=(0, 1), damping=1e-3, backends=BACKENDS,
                 reference="cg", exact_max_params=5000, rank=50, lissa_depth=50, cg_tol=1e-6,
@@ -320,7 +325,7 @@ def _one_model(kind, spec, *, m, alpha, subset_seeds, damping, backends, referen
     subsets_s = time.perf_counter() - t0
 
     options = {"rank": rank, "depth": lissa_depth, "tol": cg_tol, "maxiter": cg_maxiter,
-               "key": seed + 2}
+               "key": seed + 2, "samples": spec.get("samples")}
     names = [reference, *[b for b in backends if b != reference], "identity"]
     raw: dict[str, dict] = {}
     for name in names:
@@ -379,6 +384,7 @@ def _one_model(kind, spec, *, m, alpha, subset_seeds, damping, backends, referen
             "subset_seeds": list(subset_seeds), "subset_size": lds.subset_size(n, alpha),
             "num_params": models.num_params({"params": params["params"]}),
             "measure": problem.model.measure.name, "damping": damping,
+            "kfac_samples": spec.get("samples"),
             "train_loss_test_mean": float(base.mean()),
             "loo": {"test_index": t_star, "chosen_by": chooser, "train_ids": [str(i) for i in
                                                         problem.train.ids[top]],

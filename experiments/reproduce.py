@@ -28,7 +28,7 @@ from experiments import runner
 from unlearn import results
 
 EXPERIMENTS = ["forget_basic", "influence_loo", "influence_loo_cnn", "certified_removal",
-               "sisa_tradeoff", "scaling", "compare_methods", "llm_unlearning"]
+               "sisa_tradeoff", "scaling", "compare_methods", "lds_backends", "llm_unlearning"]
 RUNS = Path(__file__).resolve().parent.parent / "runs"
 
 # Headlines of experiments whose modules do not (yet) declare ``HEADLINES`` themselves; the

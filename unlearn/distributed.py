@@ -201,6 +201,18 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     return jax.tree.map(lambda a: _put(a, spec), tree)
 
 
+def local_members(count: int, mesh: Mesh) -> np.ndarray:
+    """Which of ``count`` members (a multiple of the mesh size, laid on the mesh's first axis
+    by :func:`shard_members`) sit on this process's devices: a boolean mask ``(count,)``."""
+    devs = _devices(mesh)
+    if count % len(devs):
+        raise ValueError(f"local_members: {count} members is not a multiple of the mesh size "
+                         f"{len(devs)}.")
+    per = count // len(devs)
+    me = jax.process_index()
+    return np.repeat([d.process_index == me for d in devs], per)
+
+
 def spans_processes(mesh: Mesh | None) -> bool:
     """Whether ``mesh`` holds devices of more than one process."""
     if mesh is None:
@@ -267,5 +279,5 @@ def unpad(a, examples: Examples, axis: int = 0) -> np.ndarray:
 
 
 __all__ = ["Examples", "barrier", "call_together", "example_rows", "gather", "global_mesh",
-           "put_local", "replicate", "shard_examples", "shard_members", "spans_processes",
-           "unpad"]
+           "local_members", "put_local", "replicate", "shard_examples", "shard_members",
+           "spans_processes", "unpad"]

@@ -238,15 +238,20 @@ def concat_schedules(scheds: Sequence[Schedule]) -> Schedule:
 
 def stack_schedules(parts: Sequence[Sequence[tuple[np.ndarray, np.ndarray]] | None],
                     batch_size: int, progress: np.ndarray | None = None,
-                    epoch: int = 0) -> Schedule:
+                    epoch: int = 0, steps: int | None = None) -> Schedule:
     """Stack per-member batch lists into one :class:`Schedule`, padded with no-op steps.
 
     ``parts[s]`` is a tuple of ``(idx (T_s, B), w (T_s, B))`` per stream (all streams of a
     member have the same T_s), or None for a member with nothing to do in this call; ``epoch``
-    is the epoch tag of every step, batches are numbered 0..T_s−1 per member.
+    is the epoch tag of every step, batches are numbered 0..T_s−1 per member. ``steps``: the
+    number of steps T (default the longest member's T_s; it must be at least that).
     """
     S = len(parts)
     T = max([p[0][0].shape[0] for p in parts if p is not None], default=0)
+    if steps is not None:
+        if steps < T:
+            raise ValueError(f"steps={steps} is below the longest member's {T} batches.")
+        T = steps
     k = max([len(p) for p in parts if p is not None], default=1)
     idx = [np.zeros((S, T, batch_size), np.int32) for _ in range(k)]
     w = [np.zeros((S, T, batch_size), np.float32) for _ in range(k)]
@@ -989,10 +994,18 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
     for s in range(S):
         group.setdefault((seeds[s], w[s].tobytes()), s)
     first = [group[(seeds[s], w[s].tobytes())] for s in range(S)]
+    # on a mesh over several processes each process orders and cuts the batches of its own
+    # members only (the others' rows of the schedule are never read here); the step count
+    # and the no-op mask are the same everywhere, from the members' batch counts
+    mine = (distributed.local_members(S, mesh) if distributed.spans_processes(mesh)
+            else np.ones(S, bool))
+    nb = np.array([max(1, math.ceil(len(p) / batch_size)) for p in present])
     for e in tqdm(range(epochs), disable=not progress, desc=desc):
         parts = {s: member_batches(present[s], hashes[s], seeds[s], e, batch_size)
-                 for s in set(first)}
-        sched = stack_schedules([(parts[first[s]],) for s in range(S)], batch_size, epoch=e)
+                 for s in {first[s] for s in range(S) if mine[s]}}
+        sched = stack_schedules([(parts[first[s]],) if mine[s] else None for s in range(S)],
+                                batch_size, epoch=e, steps=int(nb.max()))
+        sched = sched._replace(active=np.arange(sched.steps)[None, :] < nb[:, None])
         members, ls = run(model, members, data, sched, keys=keys, aux=aux,
                           optimizer=optimizer, dtype=dtype, strategy=strategy,
                           augment=augment, mesh=mesh, replicated=False,
