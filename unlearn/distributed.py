@@ -245,12 +245,33 @@ def call_together(fn, *args):
     its peers already wait in the collective — a loaded machine, or one process compiling
     from the persistent cache and another not — fails with ``DEADLINE_EXCEEDED``. Compiling
     before the barrier leaves only the execution between it and the collectives. The
-    compiled program is cached by ``jax.jit``, so later calls cost one barrier round trip."""
+    compiled executable is kept (keyed by ``fn`` and the arguments' shapes, dtypes and
+    shardings), so a later call with the same signature neither traces, lowers nor waits at a
+    barrier: every process makes the same calls, so every process finds it compiled."""
     if jax.process_count() == 1:
         return fn(*args)
-    exe = fn.lower(*args).compile()
-    barrier()
+    leaves, tree = jax.tree.flatten(args)
+    key = (fn, tree, tuple(_signature(a) for a in leaves))
+    exe = _EXECUTABLES.get(key)
+    if exe is None:
+        exe = fn.lower(*args).compile()
+        if len(_EXECUTABLES) >= _MAX_EXECUTABLES:
+            _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
+        _EXECUTABLES[key] = exe
+        barrier()
     return exe(*args)
+
+
+_EXECUTABLES: dict = {}
+_MAX_EXECUTABLES = 256
+
+
+def _signature(a):
+    if isinstance(a, jax.Array):
+        return ("array", a.shape, str(a.dtype), a.sharding, getattr(a, "weak_type", False))
+    if isinstance(a, np.ndarray | np.generic):
+        return ("numpy", a.shape, str(a.dtype))
+    return ("value", type(a), a)  # Python scalars and None: part of the trace
 
 
 def gather(tree: PyTree) -> PyTree:
