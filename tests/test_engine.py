@@ -165,6 +165,26 @@ def test_noop_steps_leave_a_member_untouched(digits):
                               flat(engine.unstack(mem.params, 0)))
 
 
+def test_schedule_steps_pad_with_noops_and_local_members():
+    """``stack_schedules(steps=T)`` pads every member to T no-op steps (what each process of a
+    multi-process mesh uses so that all agree on T while building only their own members'
+    batches) and refuses a T below the longest member; in one process every member is
+    local."""
+    idx, w = engine.batch_indices(np.arange(10), np.arange(10), 4)  # 3 batches
+    a = engine.stack_schedules([((idx, w),), None], 4)
+    b = engine.stack_schedules([((idx, w),), None], 4, steps=5)
+    assert a.steps == 3 and b.steps == 5
+    np.testing.assert_array_equal(b.active, [[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(b.idx[0][:, :3], a.idx[0])
+    with pytest.raises(ValueError, match="steps=2 is below"):
+        engine.stack_schedules([((idx, w),)], 4, steps=2)
+    from unlearn import distributed
+
+    mesh = distributed.global_mesh()
+    n = 2 * len(jax.devices())
+    assert distributed.local_members(n, mesh).tolist() == [True] * n
+
+
 _MEMBER_MODELS = {  # strategy -> a small model of the kind that strategy serves
     "scan": lambda: models.mlp(10, (16,)),
     "fused": lambda: models.cnn(10, features=(4, 8), dense=16, image_shape=(8, 8, 1)),
