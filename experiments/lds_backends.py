@@ -473,9 +473,10 @@ def plot(payload: dict, outdir) -> list:
             ax.set_xticks(np.arange(len(names)))
             ax.set_xticklabels(names, rotation=45, ha="right")
         first = next(iter(res["models"].values()))
+        damp = ", ".join(f"{k} {v['damping']:g}" for k, v in res["models"].items())
         fig.suptitle(f"LDS per influence backend (M={first['m']} subset models × "
-                     f"{len(first['subset_seeds'])} seeds, α={first['alpha']}, GGN, damping "
-                     f"{first['damping']:g}); 95 % CI over test examples", y=1.02)
+                     f"{len(first['subset_seeds'])} seeds, α={first['alpha']}, GGN, damping: "
+                     f"{damp}); 95 % CI over test examples", y=1.02)
         return plotting.savefig(fig, f"{outdir}/{NAME}.png")
 
 
