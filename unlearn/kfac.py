@@ -275,8 +275,8 @@ def _pseudo_grads(apply, layout: _Layout, params, x, cots, with_diag: bool):
 
 
 def _sampled(apply, logits, y, dtype, keys, samples: int) -> Array:
-    """``samples`` pseudo-sample cotangents per example, ``(m, samples, *out)``, with
-    :math:`\\mathbb E[cc^\top] = H_i/\text{samples}` (module docstring, "Sampled labels");
+    r"""``samples`` pseudo-sample cotangents per example, ``(m, samples, *out)``, each with
+    :math:`\mathbb E[cc^\top] = H_i/\text{samples}` (module docstring, "Sampled labels");
     ``keys``: one per example."""
     loss = loss_of(apply)
     scale = 1.0 / math.sqrt(samples)
