@@ -1,7 +1,7 @@
 """Curvature products to agree with the exact damped answer: plain block CG vs EK-FAC-PCG vs
 Nyström-PCG on the transformer of the LDS table (issue #29's "fewer curvature products").
 
-Command: ``python -m benchmarks.pcg_products [--no-write]`` (≈ 5 min on 2 cores).
+Command: ``python -m benchmarks.pcg_products [--no-write]`` (≈ 8 min on 2 cores).
 
 The problem is ``experiments.lds_backends``' transformer, built and trained by the same code
 (``_problem("transformer", _TRANSFORMER, 0)``: width 16, depth 2, 128 sequences × 16 tokens,

@@ -22,7 +22,8 @@ tiny model — see each module), each with ``checkpoint_every`` so the curve sho
 vs model utility over unlearning steps; second-order unlearning of the transformer: influence
 unlearning (one damped Gauss–Newton step by CG, 30 curvature products: on the transformer
 EK-FAC-preconditioned CG needs more products than plain CG — see ``tests/test_transformer.py``
-— its factors cost V backward passes per token, and the rank-50 Nyström sketch's 50 batched
+— its exact-root factors cost V backward passes per token (``samples=1`` makes that one per
+sequence), and the rank-50 Nyström sketch's 50 batched
 GGN products over the whole corpus ran out of 24 GB here); SISA over
 persons (whole persons dealt to shards, :func:`unlearn.sisa.make_layout` with groups; the
 aggregate is the shards' mean output); and the reference points ``retrain`` (the oracle itself) and

@@ -236,6 +236,33 @@ def barrier(timeout_s: float = 1800.0) -> None:
                                             int(timeout_s * 1000))
 
 
+_EXCHANGES = [0]
+
+
+def exchange(text: str, timeout_s: float = 1800.0) -> list[str]:
+    """Every process's ``text``, in process order (``[text]`` with one process): each sets its
+    key of this exchange in the coordination service's key-value store and reads the others'
+    (blocking up to ``timeout_s``). No device collective, so a process may take long (write
+    files, wait for a lock) before it arrives. Every process must make the same sequence of
+    calls (exchanges are numbered in call order). Once a process has read every key of
+    exchange n, every process has finished reading exchange n−1, so its own key of n−1 is
+    deleted (the store does not grow)."""
+    if jax.process_count() == 1:
+        return [text]
+    from jax._src import distributed as _jd
+
+    client = _jd.global_state.client
+    _EXCHANGES[0] += 1
+    n, me = _EXCHANGES[0], jax.process_index()
+    client.key_value_set(f"unlearn-exchange/{n}/{me}", text)
+    ms = int(min(timeout_s, 2e6) * 1000)  # (an int32 of milliseconds: at most ~24 days)
+    out = [client.blocking_key_value_get(f"unlearn-exchange/{n}/{p}", ms)
+           for p in range(jax.process_count())]
+    if n > 1:
+        client.key_value_delete(f"unlearn-exchange/{n - 1}/{me}")
+    return out
+
+
 def call_together(fn, *args):
     """``fn(*args)`` (a jitted function of global arrays), compiled first and dispatched by
     every process after a :func:`barrier`.
@@ -299,6 +326,7 @@ def unpad(a, examples: Examples, axis: int = 0) -> np.ndarray:
     return np.take(a, keep[np.argsort(examples.rows[keep])], axis=axis)
 
 
-__all__ = ["Examples", "barrier", "call_together", "example_rows", "gather", "global_mesh",
+__all__ = ["Examples", "barrier", "call_together", "example_rows", "exchange", "gather",
+           "global_mesh",
            "local_members", "put_local", "replicate", "shard_examples", "shard_members",
            "spans_processes", "unpad"]

@@ -156,6 +156,12 @@ def epoch_order(id_hashes: np.ndarray, seed: int, epoch: int, *salt: int) -> np.
     return np.argsort(prio, kind="stable")
 
 
+def num_batches(n: int, batch_size: int) -> int:
+    """Batches of one member's epoch over ``n`` rows (at least one: an empty member takes a
+    no-op step)."""
+    return max(1, math.ceil(n / batch_size))
+
+
 def batch_indices(present: np.ndarray, order: np.ndarray, batch_size: int):
     """(num_batches, batch_size) row indices and weights; the tail batch is padded with
     weight-0 repeats of its own rows.
@@ -166,7 +172,7 @@ def batch_indices(present: np.ndarray, order: np.ndarray, batch_size: int):
     a function of the ids present only.
     """
     rows = present[order]
-    nb = max(1, math.ceil(len(rows) / batch_size))
+    nb = num_batches(len(rows), batch_size)
     idx = np.zeros(nb * batch_size, dtype=np.int32)
     msk = np.zeros(nb * batch_size, dtype=np.float32)
     idx[: len(rows)] = rows
@@ -999,7 +1005,7 @@ def train_members(model, x, y, ids_hash: np.ndarray, keys: Sequence[jax.Array], 
     # and the no-op mask are the same everywhere, from the members' batch counts
     mine = (distributed.local_members(S, mesh) if distributed.spans_processes(mesh)
             else np.ones(S, bool))
-    nb = np.array([max(1, math.ceil(len(p) / batch_size)) for p in present])
+    nb = np.array([num_batches(len(p), batch_size) for p in present])
     for e in tqdm(range(epochs), disable=not progress, desc=desc):
         parts = {s: member_batches(present[s], hashes[s], seeds[s], e, batch_size)
                  for s in {first[s] for s in range(S) if mine[s]}}

@@ -158,7 +158,7 @@ def create(root: str | Path, *, data: str, model: str = "mlp", shards: int = 4, 
     and its parents are removed if it created them, else the files it added. Errors name the
     argument (``--shards``, ``--model``, ...)."""
     root = Path(root)
-    mesh = _join()
+    mesh = _mesh()
 
     def check():  # every input error is found before the directory is made
         plan = _plan(shards, slices, assignment, overlap)
@@ -336,7 +336,6 @@ def load(root: str | Path, *, need_train: bool = True):
     deleted is a zero row, never trained on: ``alive`` is False). A retained example whose file
     is missing is an error unless ``need_train=False`` (prediction). After the checks pass it
     finishes an interrupted writer's work if no writer is active (module docstring)."""
-    _join()
     st, d, test, _ = _together(lambda: _state(open_dir(root), need_train))
     _reader_recover(d)
     return st, d.version, test
@@ -347,7 +346,6 @@ def evaluate(root: str | Path, how: str = "mean_prob") -> dict:
     trained with ``test_fraction=0`` has no held-out split: that is an error saying so."""
     if how not in ("mean_prob", "vote"):
         raise ValueError(f"how={how!r} (--how): choose 'mean_prob' or 'vote'.")
-    _join()
     st, d, test, _ = _together(lambda: _scorable(root, _state(open_dir(root),
                                                                need_train=False)))
     _reader_recover(d)
@@ -459,7 +457,6 @@ def forget_persistent(root: str | Path, names: Sequence[str], *,
     no-op. Works after the forgotten files were deleted from the data.
     """
     root = Path(root)
-    _join()
     w = SimpleNamespace(d=None)
     with ExitStack() as held:
 
@@ -567,7 +564,6 @@ def verify(root: str | Path) -> dict:
     forgotten example (every shard if nothing was forgotten) and compare bit for bit with the
     stored units (see the module docstring for why this is exact). Retained examples missing
     from the data are listed, and their shards reported unverifiable (``ok`` false)."""
-    _join()
     state, d, _, present = _together(lambda: _state(open_dir(root), need_train=False))
     _reader_recover(d)
     return _together(lambda: _check_units(state, d, present))
@@ -668,7 +664,6 @@ def status(root: str | Path) -> dict:
     """Version served, requests, forgotten ids, shard sizes and the provenance of every stored
     checkpoint — computed from the directory alone (no data, no model code, no JAX
     compilation). It first finishes an interrupted writer's work when no writer is active."""
-    _join()
     d = _reader_recover(_together(lambda: open_dir(root)))
     return _together(lambda: _status(d))
 
@@ -712,8 +707,6 @@ def _status(d: Dir) -> dict:
 
 _WAIT_S = 24 * 3600.0  # how long a process waits for its peers at an agreement (a backstop:
 # JAX's coordination service notices a peer that died and ends the program)
-_AGREEMENTS = [0]
-_KEY = "unlearn-sisa-store"
 
 
 def _multi() -> bool:
@@ -731,11 +724,6 @@ def _mesh():
     """The mesh the shard axis is laid on: every device of every process in a multi-process
     program (:func:`unlearn.distributed.global_mesh`), else None (unchanged: no mesh)."""
     return distributed.global_mesh() if _multi() else None
-
-
-def _join():
-    """Start of every command: the mesh the command computes on (:func:`_mesh`)."""
-    return _mesh()
 
 
 def _together(fn: Callable, *, writer_only: bool = False, share: bool = False,
@@ -771,22 +759,8 @@ def _together(fn: Callable, *, writer_only: bool = False, share: bool = False,
 
 
 def _exchange(text: str, wait_s: float) -> list[dict]:
-    """Every process's ``text`` (JSON), in process order: each sets its key of this agreement
-    in the coordination service's key-value store and reads the others' (blocking). Once it
-    has read every key of agreement n, every process has finished reading agreement n−1, so
-    its own key of n−1 is deleted (the store does not grow)."""
-    from jax._src import distributed as jax_distributed
-
-    client = jax_distributed.global_state.client
-    _AGREEMENTS[0] += 1
-    n, me = _AGREEMENTS[0], jax.process_index()
-    client.key_value_set(f"{_KEY}/{n}/{me}", text)
-    ms = int(min(wait_s, 2e6) * 1000)  # (an int32 of milliseconds: at most ~24 days)
-    out = [json.loads(client.blocking_key_value_get(f"{_KEY}/{n}/{p}", ms))
-           for p in range(jax.process_count())]
-    if n > 1:
-        client.key_value_delete(f"{_KEY}/{n - 1}/{me}")
-    return out
+    """Every process's ``text`` (JSON), in process order (:func:`distributed.exchange`)."""
+    return [json.loads(t) for t in distributed.exchange(text, wait_s)]
 
 
 def _message(e: BaseException) -> str:

@@ -84,17 +84,9 @@ def _take(tree: Any, idx) -> Any:
     return jax.tree.map(lambda a: a[idx], tree)
 
 
-def _np(a) -> np.ndarray:
-    """``a`` on the host; a member axis spread over several processes' devices (a stage with
-    nothing to train leaves the placed state as it was) is all-gathered first."""
-    if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
-        a = distributed.gather(a)
-    return np.asarray(a)
-
-
 def _host(tree: Any) -> Any:
     """A writable NumPy copy of every leaf (checkpoints live on the host)."""
-    return jax.tree.map(lambda a: np.array(_np(a)), tree)
+    return jax.tree.map(np.array, distributed.gather(tree))
 
 
 def _shard_keys(key, shards: int) -> jax.Array:
@@ -200,7 +192,8 @@ def _at_stage(ckpts, r: int):
 def _select(mask: np.ndarray, new, old):
     """Per shard slot: ``new`` where ``mask`` else ``old`` (on the host)."""
     return jax.tree.map(
-        lambda f, w: np.where(mask.reshape((-1,) + (1,) * (np.ndim(w) - 1)), f, _np(w)),
+        lambda f, w: np.where(mask.reshape((-1,) + (1,) * (np.ndim(w) - 1)), f,
+                              distributed.gather(w)),
         new, old)
 
 
